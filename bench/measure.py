@@ -1,0 +1,240 @@
+"""Honest measurement: paired wall-clock speedups, FLOPs, executed work and quality.
+
+A speedup is ``t_reference / t_candidate`` timed in one process, interleaved (each round times
+both, alternating which goes first), on one torch thread, after warm-up; the reported figure is
+the median of the per-round ratios with its interquartile range. Raw timings of identical code
+in separate processes moved by up to 40% on this machine kind, ratios in one process by about 3%
+(shared/MEASUREMENT-FACTS.md), so only ratios are trusted.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+from torch.utils.flop_counter import FlopCounterMode
+
+from bk.data import Corpus
+from bk.model import Work
+from bk.train import Evaluation, evaluate
+
+NOISE_LIMIT = 0.10  # relative interquartile range above which a speedup is flagged as noisy
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """Median of per-round ``t_ref / t_cand`` and its interquartile range."""
+
+    ratios: tuple[float, ...]
+    t_reference: float  # median seconds per call
+    t_candidate: float
+
+    @property
+    def speedup(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def q1(self) -> float:
+        return _quantile(self.ratios, 0.25)
+
+    @property
+    def q3(self) -> float:
+        return _quantile(self.ratios, 0.75)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.ratios)
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median."""
+        return (self.q3 - self.q1) / self.speedup
+
+    @property
+    def warning(self) -> str | None:
+        if self.spread > NOISE_LIMIT:
+            return (f"noisy: interquartile spread {self.spread:.0%} of the median exceeds "
+                    f"{NOISE_LIMIT:.0%}; re-run with more rounds on a quieter machine")
+        return None
+
+
+def _quantile(values: tuple[float, ...], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def paired_speedup(reference: Callable[[], object], candidate: Callable[[], object], *,
+                   rounds: int = 7, warmup: int = 1, number: int = 1,
+                   threads: int = 1) -> Speedup:
+    """Time ``reference`` and ``candidate`` alternately in this process and compare them."""
+    if rounds < 1 or number < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1, number >= 1, warmup >= 0; got {rounds}, {number}, "
+                         f"{warmup}")
+    timers = [Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+              for fn in (reference, candidate)]
+    with torch_threads(threads):
+        for _ in range(warmup):
+            reference()
+            candidate()
+        ratios, t_ref, t_cand = [], [], []
+        for r in range(rounds):
+            order = (0, 1) if r % 2 == 0 else (1, 0)
+            seconds = [0.0, 0.0]
+            for i in order:
+                seconds[i] = timers[i].timeit(number).mean
+            t_ref.append(seconds[0])
+            t_cand.append(seconds[1])
+            ratios.append(seconds[0] / seconds[1])
+    return Speedup(tuple(ratios), statistics.median(t_ref), statistics.median(t_cand))
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations torch's FlopCounterMode attributes to ``fn()``.
+
+    It counts matrix products and convolutions; elementwise work such as the O(N) BK recurrence
+    is not counted, which is why FLOPs stand beside wall time and never replace it.
+    """
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+@dataclass
+class Workload:
+    """Inputs for repeated forward passes: the test split in ``batch_size x seq_len`` batches."""
+
+    name: str
+    batches: list[torch.Tensor]
+
+    @classmethod
+    def from_corpus(cls, corpus: Corpus, *, split: str = "test", batch_size: int = 32,
+                    seq_len: int = 128, max_batches: int | None = None) -> Workload:
+        batches = []
+        for x, _ in corpus.batches(split, batch_size, seq_len, drop_last=True):
+            if max_batches is not None and len(batches) >= max_batches:
+                break
+            batches.append(x)
+        if not batches:
+            raise ValueError(f"split {split!r} of {corpus.name!r} is shorter than one "
+                             f"{batch_size} x {seq_len} batch")
+        return cls(f"{corpus.name}/{split} {len(batches)}x{batch_size}x{seq_len}", batches)
+
+    @property
+    def tokens(self) -> int:
+        return sum(b.numel() for b in self.batches)
+
+    def runner(self, model: nn.Module) -> Callable[[], Work]:
+        """A no-grad forward pass of ``model`` over every batch; returns the work executed."""
+        model.eval()
+
+        @torch.no_grad()
+        def run() -> Work:
+            work = Work()
+            for x in self.batches:
+                work = work + model(x).work
+            return work
+
+        return run
+
+
+@dataclass
+class Comparison:
+    """One candidate against its reference on one workload."""
+
+    name: str
+    speed: Speedup
+    flops_reference: int
+    flops_candidate: int
+    work_reference: Work
+    work_candidate: Work
+    quality_reference: Evaluation | None = None
+    quality_candidate: Evaluation | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def wall_speedup(self) -> float:
+        return self.speed.speedup
+
+    @property
+    def flops_speedup(self) -> float:
+        return self.flops_reference / max(1, self.flops_candidate)
+
+    @property
+    def work_ratio(self) -> float:
+        """Candidate's executed per-token work over the reference's (below 1: less work)."""
+        return self.work_candidate.token_layers / max(1, self.work_reference.token_layers)
+
+    @property
+    def quality_delta(self) -> float | None:
+        """Relative test-perplexity change, ``ppl_cand / ppl_ref - 1`` (positive is worse)."""
+        if self.quality_reference is None or self.quality_candidate is None:
+            return None
+        return self.quality_candidate.perplexity / self.quality_reference.perplexity - 1
+
+    def as_dict(self) -> dict[str, object]:
+        row: dict[str, object] = {
+            "technique": self.name,
+            "wall_speedup": self.wall_speedup,
+            "wall_q1": self.speed.q1,
+            "wall_q3": self.speed.q3,
+            "rounds": self.speed.rounds,
+            "t_reference_s": self.speed.t_reference,
+            "t_candidate_s": self.speed.t_candidate,
+            "noise_warning": self.speed.warning,
+            "flops_speedup": self.flops_speedup,
+            "flops_reference": self.flops_reference,
+            "flops_candidate": self.flops_candidate,
+            "work_ratio": self.work_ratio,
+            "token_layers": self.work_candidate.token_layers,
+            "expert_calls": self.work_candidate.expert_calls,
+            "positions": self.work_candidate.positions,
+            "quality_delta": self.quality_delta,
+        }
+        for prefix, ev in (("reference", self.quality_reference),
+                           ("candidate", self.quality_candidate)):
+            if ev is not None:
+                row[f"{prefix}_loss"] = ev.loss
+                row[f"{prefix}_perplexity"] = ev.perplexity
+                row[f"{prefix}_bits_per_token"] = ev.bits_per_token
+        row.update(self.extra)
+        return row
+
+
+def compare(name: str, reference: nn.Module, candidate: nn.Module, workload: Workload, *,
+            corpus: Corpus | None = None, rounds: int = 7, flop_batches: int = 2,
+            quality_batches: int | None = None, threads: int = 1) -> Comparison:
+    """Measure ``candidate`` against ``reference``: paired wall time, FLOPs, work, quality.
+
+    FLOPs are counted on the first ``flop_batches`` batches (the counter is slow); work over the
+    whole workload; quality on the test split of ``corpus`` when given.
+    """
+    run_ref, run_cand = workload.runner(reference), workload.runner(candidate)
+    speed = paired_speedup(run_ref, run_cand, rounds=rounds, threads=threads)
+    sample = Workload(workload.name, workload.batches[:flop_batches])
+    flops_ref = count_flops(sample.runner(reference))
+    flops_cand = count_flops(sample.runner(candidate))
+    comparison = Comparison(name, speed, flops_ref, flops_cand, run_ref(), run_cand())
+    if corpus is not None:
+        comparison.quality_reference = evaluate(reference, corpus, "test",
+                                                max_batches=quality_batches)
+        comparison.quality_candidate = evaluate(candidate, corpus, "test",
+                                                max_batches=quality_batches)
+    return comparison

@@ -1,0 +1,101 @@
+"""The registry of techniques: what `run`, `baseline`, `tune`, the asv suites and the cumulative
+figure iterate over. A technique is added by a module in ``bench/techniques/`` that calls
+``register``; nothing else needs editing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from bk.model import ModelConfig
+
+Value = float | int | str | bool
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A tunable setting. ``grid`` lists the values a grid search tries; ``low``/``high`` bound
+    a Bayesian search (``log`` for a log-uniform range); ``choices`` make it categorical."""
+
+    name: str
+    default: Value
+    grid: tuple[Value, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Value, ...] = ()
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Technique:
+    """How to build a candidate model, its knobs, and how to train it from the reference.
+
+    ``build(config, knobs)`` returns a model whose parameters shared with the dense model have the
+    same names, so it starts from the trained reference's weights and is fine-tuned for
+    ``finetune_fraction`` of the reference's training steps. ``schedule(model, progress)`` runs
+    before each fine-tuning step with progress in [0, 1] (for example a sparsity schedule).
+    """
+
+    name: str
+    summary: str
+    build: Callable[[ModelConfig, Mapping[str, Any]], nn.Module]
+    knobs: tuple[Knob, ...] = ()
+    reference: str = "dense"
+    finetune_fraction: float = 0.3
+    schedule: Callable[[nn.Module, float], None] | None = None
+    tags: frozenset[str] = field(default_factory=frozenset)
+
+    def defaults(self) -> dict[str, Value]:
+        return {k.name: k.default for k in self.knobs}
+
+    def resolve(self, knobs: Mapping[str, Any] | None = None) -> dict[str, Value]:
+        """Defaults overridden by ``knobs``; an unknown knob name raises ``ValueError``."""
+        values = self.defaults()
+        for name, value in (knobs or {}).items():
+            if name not in values:
+                raise ValueError(f"technique {self.name!r} has no knob {name!r}; its knobs are "
+                                 f"{sorted(values) or 'none'}")
+            values[name] = value
+        return values
+
+    def make(self, config: ModelConfig, knobs: Mapping[str, Any] | None = None) -> nn.Module:
+        return self.build(config, self.resolve(knobs))
+
+
+_REGISTRY: dict[str, Technique] = {}
+REFERENCE = "dense"
+
+
+def register(technique: Technique) -> Technique:
+    if technique.name in _REGISTRY:
+        raise ValueError(f"technique {technique.name!r} is registered twice")
+    _REGISTRY[technique.name] = technique
+    return technique
+
+
+def _discover() -> None:
+    import bench.techniques as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+
+
+def techniques() -> dict[str, Technique]:
+    """All registered techniques by name, the dense reference first."""
+    if not _REGISTRY:
+        _discover()
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: (kv[0] != REFERENCE, kv[0])))
+
+
+def get(name: str) -> Technique:
+    registered = techniques()
+    if name not in registered:
+        raise ValueError(f"unknown technique {name!r}; registered: {', '.join(registered)}")
+    return registered[name]

@@ -1,0 +1,1 @@
+"""One module per technique; each calls ``bench.registry.register`` at import."""

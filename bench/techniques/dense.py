@@ -1,0 +1,9 @@
+from bk.model import LanguageModel
+from bench.registry import Technique, register
+
+register(Technique(
+    name="dense",
+    summary="The dense ResNet-BK baseline: every token runs every layer.",
+    build=lambda config, knobs: LanguageModel(config),
+    finetune_fraction=0.0,
+))

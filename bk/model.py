@@ -1,0 +1,203 @@
+"""The ResNet-BK language model: the dense baseline every bk-bench speedup is measured against.
+
+Each block is pre-LayerNorm and adds two things to the residual stream:
+
+* a mixture-of-experts feed-forward of the normalised hidden state (per-token work), and
+* sequence mixing through the BK-Core: a potential ``v`` (one value per BK channel) is
+  projected from the normalised hidden state and added to the diagonal of the discrete
+  Laplacian H0 (diagonal -2, couplings 1). The causal resolvent diagonal
+  ``G_ii = [(H0 + diag(v) - z)_{0..i}]^-1_ii`` of each channel is read out as ``[Re G, Im G]``
+  and projected back to ``d_model``.
+
+Because the core is causal, logits at position i depend on tokens 0..i only, and generation can
+carry one complex number per layer and channel (``init_state``/``step``) instead of re-running
+the prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bk.core import causal_step, resolvent_diag
+from bk.moe import MoEFeedForward
+
+H0_DIAGONAL = -2.0
+H0_COUPLING = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 128
+    d_model: int = 64
+    n_layers: int = 4
+    n_seq: int = 128
+    n_experts: int = 4
+    d_expert: int = 128
+    bk_channels: int = 4
+    balance_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_seq", "n_experts", "d_expert",
+                     "bk_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.balance_weight < 0:
+            raise ValueError(f"ModelConfig.balance_weight must be >= 0, got {self.balance_weight}")
+
+
+@dataclass
+class Work:
+    """Work a forward pass actually executed, counted where it runs.
+
+    token_layers: (token, layer) pairs whose per-token work (norm, experts, projections) ran.
+    expert_calls: tokens passed through an expert network (top-1: one per token-layer).
+    positions: (position, layer) pairs visited by the BK recurrence.
+    """
+
+    token_layers: int = 0
+    expert_calls: int = 0
+    positions: int = 0
+
+    def __add__(self, other: Work) -> Work:
+        return Work(self.token_layers + other.token_layers,
+                    self.expert_calls + other.expert_calls,
+                    self.positions + other.positions)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, N, V)
+    loss: torch.Tensor | None  # training objective: cross-entropy plus auxiliary terms
+    ce: torch.Tensor | None  # mean next-token cross-entropy, nats
+    work: Work
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DecodeState:
+    """Per-layer causal resolvent value at the last position, ``(B, C)`` complex each.
+
+    States are never modified: ``step`` returns a new one, so a search may branch from any state.
+    """
+
+    g: tuple[torch.Tensor | None, ...]
+    position: int = 0
+
+
+class BKBlock(nn.Module):
+    """One ResNet-BK block: ``x + MoE(LN x) + W [Re G, Im G]`` with ``G`` from the BK-Core."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c = cfg.bk_channels
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.moe = MoEFeedForward(cfg.d_model, cfg.d_expert, cfg.n_experts)
+        self.potential = nn.Linear(cfg.d_model, c)
+        self.readout = nn.Linear(2 * c, cfg.d_model)
+        # Spectral shift per channel, z = re + i softplus(im): Im z > 0 by construction. The
+        # spectrum of H0 lies in [-4, 0]; spreading Re z over it gives channels different
+        # memory lengths.
+        self.z_re = nn.Parameter(torch.linspace(-3.5, -0.5, c))
+        self.z_im_raw = nn.Parameter(torch.full((c,), 0.5))
+        nn.init.normal_(self.potential.weight, std=0.1)
+        nn.init.zeros_(self.potential.bias)
+
+    def shift(self) -> torch.Tensor:
+        return torch.complex(self.z_re, F.softplus(self.z_im_raw))
+
+    def token_work(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token part on flat tokens ``(T, d)``: (feed-forward output, potential, balance)."""
+        h = self.norm(x)
+        f, balance = self.moe(h)
+        return f, self.potential(h), balance
+
+    def resolvent(self, v: torch.Tensor) -> torch.Tensor:
+        """Causal resolvent diagonal for potentials ``v`` ``(B, N, C)``; returns ``(B, N, C)``."""
+        a = (H0_DIAGONAL + v).transpose(1, 2)  # (B, C, N)
+        couplings = a.new_full((a.shape[-1] - 1,), H0_COUPLING).expand(*a.shape[:-1], -1)
+        g = resolvent_diag(a, couplings, couplings, self.shift(), causal=True)
+        return g.transpose(1, 2)
+
+    def mix(self, g: torch.Tensor) -> torch.Tensor:
+        return self.readout(torch.cat([g.real, g.imag], dim=-1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, d = x.shape
+        f, v, balance = self.token_work(x.reshape(b * n, d))
+        g = self.resolvent(v.view(b, n, -1))
+        return x + f.view(b, n, d) + self.mix(g), balance
+
+    def step(self, x: torch.Tensor, g_prev: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One position for a batch ``x`` ``(B, d)``; returns (new x, this position's G)."""
+        f, v, _ = self.token_work(x)
+        coupling = H0_COUPLING * H0_COUPLING
+        g = causal_step(H0_DIAGONAL + v, coupling, self.shift(), g_prev)
+        return x + f + self.mix(g), g
+
+
+class LanguageModel(nn.Module):
+    """Embedding, ``n_layers`` ResNet-BK blocks, final LayerNorm and the LM head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(BKBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
+
+    def check_tokens(self, idx: torch.Tensor) -> None:
+        if idx.dtype != torch.int64:
+            raise TypeError(f"token ids must be int64, got {idx.dtype}")
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"token ids must have shape (batch, length>0), got {tuple(idx.shape)}")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+
+    def finish(self, x: torch.Tensor, targets: torch.Tensor | None, aux: torch.Tensor,
+               work: Work, stats: dict[str, torch.Tensor] | None = None) -> ModelOutput:
+        """Final norm, head and loss; ``aux`` is added to the cross-entropy when training."""
+        logits = self.head(self.norm(x))
+        ce = loss = None
+        if targets is not None:
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            loss = ce + aux
+        return ModelOutput(logits, loss, ce, work, stats or {})
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        self.check_tokens(idx)
+        b, n = idx.shape
+        x = self.embed(idx)
+        balance = x.new_zeros(())
+        for block in self.blocks:
+            x, layer_balance = block(x)
+            balance = balance + layer_balance
+        layers = len(self.blocks)
+        work = Work(token_layers=b * n * layers, expert_calls=b * n * layers,
+                    positions=b * n * layers)
+        stats = {"layers_per_token": x.new_full((b, n), float(layers))}
+        aux = self.cfg.balance_weight * balance / layers
+        return self.finish(x, targets, aux, work, stats)
+
+    def init_state(self, batch_size: int) -> DecodeState:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return DecodeState(g=(None,) * len(self.blocks))
+
+    def step(self, tokens: torch.Tensor, state: DecodeState
+             ) -> tuple[torch.Tensor, DecodeState]:
+        """Logits ``(B, V)`` for the next token after ``tokens`` ``(B,)``, and the new state."""
+        self.check_tokens(tokens[:, None])
+        x = self.embed(tokens)
+        new_g = []
+        for block, g_prev in zip(self.blocks, state.g, strict=True):
+            x, g = block.step(x, g_prev)
+            new_g.append(g)
+        return self.head(self.norm(x)), DecodeState(tuple(new_g), state.position + 1)
