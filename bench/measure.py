@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import statistics
+import timeit
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 from bk.data import Corpus
@@ -84,12 +84,16 @@ def _quantile(values: tuple[float, ...], q: float) -> float:
 def paired_speedup(reference: Callable[[], object], candidate: Callable[[], object], *,
                    rounds: int = 7, warmup: int = 1, number: int = 1,
                    threads: int = 1) -> Speedup:
-    """Time ``reference`` and ``candidate`` alternately in this process and compare them."""
+    """Time ``reference`` and ``candidate`` alternately in this process and compare them.
+
+    Each timing is ``timeit.Timer(fn).timeit(number) / number`` (the standard library's timer:
+    perf_counter, garbage collection paused while timing). torch's benchmark Timer was not used
+    because its ``timeit`` runs extra warm-up calls inside every measurement.
+    """
     if rounds < 1 or number < 1 or warmup < 0:
         raise ValueError(f"need rounds >= 1, number >= 1, warmup >= 0; got {rounds}, {number}, "
                          f"{warmup}")
-    timers = [Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-              for fn in (reference, candidate)]
+    timers = [timeit.Timer(fn) for fn in (reference, candidate)]
     with torch_threads(threads):
         for _ in range(warmup):
             reference()
@@ -99,7 +103,7 @@ def paired_speedup(reference: Callable[[], object], candidate: Callable[[], obje
             order = (0, 1) if r % 2 == 0 else (1, 0)
             seconds = [0.0, 0.0]
             for i in order:
-                seconds[i] = timers[i].timeit(number).mean
+                seconds[i] = timers[i].timeit(number) / number
             t_ref.append(seconds[0])
             t_cand.append(seconds[1])
             ratios.append(seconds[0] / seconds[1])
@@ -140,6 +144,16 @@ class Workload:
     @property
     def tokens(self) -> int:
         return sum(b.numel() for b in self.batches)
+
+    @torch.no_grad()
+    def mean_stats(self, model: nn.Module) -> dict[str, float]:
+        """Every per-token statistic the model reports, averaged over the workload's tokens."""
+        model.eval()
+        sums: dict[str, float] = {}
+        for x in self.batches:
+            for name, value in model(x).stats.items():
+                sums[name] = sums.get(name, 0.0) + float(value.double().sum())
+        return {f"mean_{name}": total / self.tokens for name, total in sums.items()}
 
     def runner(self, model: nn.Module) -> Callable[[], Work]:
         """A no-grad forward pass of ``model`` over every batch; returns the work executed."""
@@ -231,7 +245,8 @@ def compare(name: str, reference: nn.Module, candidate: nn.Module, workload: Wor
     sample = Workload(workload.name, workload.batches[:flop_batches])
     flops_ref = count_flops(sample.runner(reference))
     flops_cand = count_flops(sample.runner(candidate))
-    comparison = Comparison(name, speed, flops_ref, flops_cand, run_ref(), run_cand())
+    comparison = Comparison(name, speed, flops_ref, flops_cand, run_ref(), run_cand(),
+                            extra=workload.mean_stats(candidate))
     if corpus is not None:
         comparison.quality_reference = evaluate(reference, corpus, "test",
                                                 max_batches=quality_batches)

@@ -126,8 +126,8 @@ def train(model: nn.Module, corpus: Corpus, cfg: TrainConfig, *,
         optimizer.step()
         result.steps = step + 1
         if step % 50 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{float(out.ce):.3f}")
-            result.history.append({"step": step, "train_ce": float(out.ce)})
+            bar.set_postfix(loss=f"{out.ce.item():.3f}")
+            result.history.append({"step": step, "train_ce": out.ce.item()})
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             ev = evaluate(model, corpus, "valid", batch_size=cfg.batch_size,
                           max_batches=cfg.eval_batches)

@@ -1,5 +1,5 @@
-from bk.model import LanguageModel
 from bench.registry import Technique, register
+from bk.model import LanguageModel
 
 register(Technique(
     name="dense",

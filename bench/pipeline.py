@@ -1,0 +1,148 @@
+"""Train (or reuse) the dense reference and each technique, then measure them.
+
+Checkpoints are cached under ``<output>/checkpoints`` keyed by everything that determines them
+(corpus, model and training settings, technique and knobs), so `run`, `sweep`, `baseline` and
+`tune` share trained models instead of retraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from bench.measure import Comparison, Workload, compare
+from bench.registry import REFERENCE, Technique, get
+from bk.data import Corpus, load_corpus
+from bk.model import LanguageModel, ModelConfig
+from bk.train import TrainConfig, load_model, train
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a measurement depends on besides the code."""
+
+    corpus: str = "shakespeare"
+    steps: int = 1500
+    batch_size: int = 32
+    seq_len: int = 128
+    seed: int = 0
+    rounds: int = 7
+    workload_batches: int | None = None  # None: the whole test split
+    quality_batches: int | None = None  # None: the whole test split
+    output: Path = Path("runs")
+    progress: bool = True
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> Setup:
+        """A small version that runs in a few minutes: short training, part of the test split."""
+        return replace(cls(steps=300, rounds=5, workload_batches=6, quality_batches=30),
+                       **overrides)
+
+    def train_config(self, steps: int | None = None) -> TrainConfig:
+        return TrainConfig(steps=self.steps if steps is None else steps,
+                           batch_size=self.batch_size, seed=self.seed)
+
+    def model_config(self, corpus: Corpus, **overrides: Any) -> ModelConfig:
+        return ModelConfig(vocab_size=len(corpus.vocab), n_seq=self.seq_len, **overrides)
+
+    def describe(self) -> dict[str, Any]:
+        described = asdict(self)
+        described["output"] = str(self.output)
+        del described["progress"]
+        return described
+
+
+def _key(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class Bench:
+    """Trained models and workloads for one ``Setup``, built lazily and cached on disk."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+        self.corpus = load_corpus(setup.corpus)
+        self._workload: Workload | None = None
+        self._dense: LanguageModel | None = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.setup.output / "checkpoints"
+
+    @property
+    def workload(self) -> Workload:
+        if self._workload is None:
+            self._workload = Workload.from_corpus(
+                self.corpus, batch_size=self.setup.batch_size, seq_len=self.setup.seq_len,
+                max_batches=self.setup.workload_batches)
+        return self._workload
+
+    def dense(self) -> LanguageModel:
+        if self._dense is None:
+            config = self.setup.model_config(self.corpus)
+            train_config = self.setup.train_config()
+            key = _key(self.setup.corpus, asdict(config), asdict(train_config))
+            path = self.checkpoints / f"dense-{key}.pt"
+            if path.exists():
+                model, _ = load_model(path)
+            else:
+                model = LanguageModel(config)
+                train(model, self.corpus, train_config, checkpoint=path,
+                      progress=self.setup.progress, desc="train dense",
+                      meta={"technique": REFERENCE})
+            self._dense = model
+        return self._dense
+
+    def candidate(self, technique: Technique | str,
+                  knobs: Mapping[str, Any] | None = None) -> nn.Module:
+        """The technique fine-tuned from the trained dense model (cached on disk)."""
+        technique = get(technique) if isinstance(technique, str) else technique
+        if technique.name == REFERENCE:
+            return self.dense()
+        values = technique.resolve(knobs)
+        dense = self.dense()
+        steps = round(self.setup.steps * technique.finetune_fraction)
+        train_config = self.setup.train_config(steps)
+        key = _key(self.setup.corpus, asdict(dense.cfg), asdict(self.setup.train_config()),
+                   technique.name, values, asdict(train_config))
+        path = self.checkpoints / f"{technique.name}-{key}.pt"
+
+        def build(config: ModelConfig) -> nn.Module:
+            return technique.build(config, values)
+
+        if path.exists():
+            model, _ = load_model(path, build)
+            return model
+        model = build(dense.cfg)
+        unexpected = model.load_state_dict(dense.state_dict(), strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"technique {technique.name!r} does not accept the dense weights "
+                             f"{unexpected}; keep the dense parameter names")
+        schedule = technique.schedule
+
+        def on_step(step: int, m: nn.Module) -> None:
+            if schedule is not None:
+                schedule(m, step / max(1, steps))
+
+        train(model, self.corpus, train_config, checkpoint=path, progress=self.setup.progress,
+              desc=f"fine-tune {technique.name}", on_step=on_step,
+              meta={"technique": technique.name, "knobs": values})
+        if schedule is not None:
+            schedule(model, 1.0)
+        model.eval()
+        return model
+
+    def measure(self, technique: Technique | str,
+                knobs: Mapping[str, Any] | None = None) -> Comparison:
+        technique = get(technique) if isinstance(technique, str) else technique
+        candidate = self.candidate(technique, knobs)
+        return compare(technique.name, self.dense(), candidate, self.workload,
+                       corpus=self.corpus, rounds=self.setup.rounds,
+                       quality_batches=self.setup.quality_batches)
