@@ -69,6 +69,10 @@ class MoEFeedForward(nn.Module):
         return self.n_experts * (share * routing.probs.mean(dim=0)).sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (output, load-balancing loss); expert calls equal the number of tokens."""
+        """Return (output, load-balancing loss); expert calls equal the number of tokens.
+
+        The balance loss is a training term: in eval mode it is not computed and is 0.
+        """
         routing = self.route(x)
-        return self.dispatch(x, routing), self.balance_loss(routing)
+        balance = self.balance_loss(routing) if self.training else x.new_zeros(())
+        return self.dispatch(x, routing), balance

@@ -24,12 +24,13 @@ def tokens(batch: int, n_seq: int) -> torch.Tensor:
 class Forward:
     """The two target workloads: 32 x 128 tokens, and 4 x 1024 tokens."""
 
-    params = [(32, 128), (4, 1024)]
+    params = ["32x128", "4x1024"]
     param_names = ["batch_x_seq"]
 
     def setup(self, shape):
-        self.model = model(shape[1]).eval()
-        self.x = tokens(*shape)
+        batch, n_seq = map(int, shape.split("x"))
+        self.model = model(n_seq).eval()
+        self.x = tokens(batch, n_seq)
 
     def time_forward(self, shape):
         with torch.no_grad():

@@ -14,7 +14,8 @@ import torch
 
 from bench.baselines import COMBINED, Target
 from bench.measure import paired_speedup
-from bench.pipeline import Bench, Setup
+from bench.pipeline import Bench
+from bench.pipeline import Setup as BenchSetup  # asv would take a module-level `Setup` for setup
 from bench.registry import REFERENCE, techniques
 from bk.train import evaluate
 
@@ -26,7 +27,7 @@ _BENCHES: dict[str, Bench] = {}
 
 def bench(cache: str) -> Bench:
     if cache not in _BENCHES:
-        setup = Setup(steps=150, rounds=7, workload_batches=3, quality_batches=20,
+        setup = BenchSetup(steps=150, rounds=7, workload_batches=3, quality_batches=20,
                       output=Path(cache), progress=False)
         _BENCHES[cache] = Bench(setup)
     return _BENCHES[cache]
@@ -40,7 +41,7 @@ def train_all() -> str:
     return cache
 
 
-def time_ratio(b: Bench, name: str) -> float:
+def measured_time_ratio(b: Bench, name: str) -> float:
     workload = b.workload
     speed = paired_speedup(workload.runner(b.dense()), workload.runner(b.candidate(name)),
                            rounds=b.setup.rounds)
@@ -56,12 +57,12 @@ class Technique:
         return train_all()
 
     def track_time_ratio(self, cache, name):
-        return time_ratio(bench(cache), name)
+        return measured_time_ratio(bench(cache), name)
 
     track_time_ratio.unit = "t_candidate / t_dense"
 
     def track_speedup(self, cache, name):
-        return 1 / time_ratio(bench(cache), name)
+        return 1 / measured_time_ratio(bench(cache), name)
 
     track_speedup.unit = "x (not gated: asv reads a rise as a regression)"
 
@@ -77,7 +78,7 @@ class Cumulative:
     def track_cumulative_time_ratio(self, cache):
         b = bench(cache)
         if COMBINED in NAMES:
-            return time_ratio(b, COMBINED)
+            return measured_time_ratio(b, COMBINED)
         target = Target.load()
         dense = evaluate(b.dense(), b.corpus, max_batches=b.setup.quality_batches).perplexity
         ratios = [1.0]
@@ -85,7 +86,7 @@ class Cumulative:
             ppl = evaluate(b.candidate(name), b.corpus,
                            max_batches=b.setup.quality_batches).perplexity
             if target.counts(ppl / dense - 1):
-                ratios.append(time_ratio(b, name))
+                ratios.append(measured_time_ratio(b, name))
         return min(ratios)
 
     track_cumulative_time_ratio.unit = "t_combined / t_dense"
