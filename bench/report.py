@@ -1,0 +1,766 @@
+"""`bk-bench report`: one static HTML page over everything bk-bench has measured.
+
+Inputs, each optional: the results of ``bk-bench run`` (results.json), the per-commit records in
+``baselines/``, tuner folders (optimization_results.json, best_config.json), asv's results and its
+published HTML. Output: ``<output>/index.html`` and its PNGs. The page has no scripts, no external
+resources and only relative links, so it loads offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import itertools
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.baselines import BASELINES, Target, history
+from bench.files import read_json, write_atomic
+
+GAP_FLAG = 1.5  # FLOPs and wall speedups differing by more than this factor are flagged
+ASV_DEFAULT_THRESHOLD = 0.05  # asv's own default when no regressions_thresholds regex matches
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _number(value: Any, what: str, required: bool = False) -> float | None:
+    """A finite float, or None for a missing optional figure; anything else is an error."""
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} is {value!r}; expected a number"
+                         + ("" if required else " or null"))
+    if not math.isfinite(value):
+        raise ValueError(f"{what} is {value}; expected a finite number"
+                         + ("" if required else " or null (missing)"))
+    return float(value)
+
+
+@dataclass(frozen=True)
+class TechniqueRow:
+    name: str
+    knobs: str
+    wall: float
+    wall_q1: float | None
+    wall_q3: float | None
+    flops: float | None
+    work_ratio: float | None
+    quality_delta: float | None
+    counts: bool | None
+    noise_warning: str | None
+    stats: dict[str, float]
+
+    @property
+    def gap(self) -> float | None:
+        """FLOPs speedup over wall speedup: 1 when the counted savings all reach the clock."""
+        return None if self.flops is None else self.flops / self.wall
+
+
+def technique_row(row: dict[str, Any], where: str) -> TechniqueRow:
+    name = str(row.get("technique", "?"))
+    what = f"{where}: technique {name!r}"
+    wall = _number(row.get("wall_speedup"), f"{what} wall_speedup", required=True)
+    q1 = _number(row.get("wall_q1"), f"{what} wall_q1")
+    q3 = _number(row.get("wall_q3"), f"{what} wall_q3")
+    if q1 is not None and q3 is not None and not q1 <= wall <= q3:
+        raise ValueError(f"{what}: the interquartile range [{q1}, {q3}] does not contain the "
+                         f"median wall speedup {wall}")
+    work = _number(row.get("work_ratio"), f"{what} work_ratio")
+    if work is not None and work <= 0:
+        raise ValueError(f"{what} work_ratio is {work}; expected a positive number")
+    stats = {k: _number(v, f"{what} {k}", required=True) for k, v in row.items()
+             if k.startswith("mean_") and v is not None}
+    counts = row.get("counts")
+    return TechniqueRow(
+        name=name, knobs=str(row.get("knobs") or ""), wall=wall, wall_q1=q1, wall_q3=q3,
+        flops=_number(row.get("flops_speedup"), f"{what} flops_speedup"), work_ratio=work,
+        quality_delta=_number(row.get("quality_delta"), f"{what} quality_delta"),
+        counts=counts if isinstance(counts, bool) else None,
+        noise_warning=row.get("noise_warning") or None, stats=stats)
+
+
+@dataclass(frozen=True)
+class RunResults:
+    path: Path
+    record: dict[str, Any]
+    rows: list[TechniqueRow]
+
+
+def load_results(path: Path) -> RunResults:
+    """``bk-bench run``'s results.json ({"record": ..., "rows": [...]}), or the rows alone as
+    ``bk-bench sweep`` writes them (sweeps/TECHNIQUE-KNOB.json)."""
+    data = read_json(path)
+    if isinstance(data, list):
+        data = {"record": {}, "rows": data}
+    if not isinstance(data, dict) or not isinstance(data.get("record"), dict):
+        raise ValueError(f"{path} is not a bk-bench results file (expected a 'record' object "
+                         "or a list of rows)")
+    record = data["record"]
+    raw = data.get("rows")
+    if raw is None:  # only the record: its techniques lack the dense A/A row and the stats
+        raw = [{"technique": name, **row} for name, row in record.get("techniques", {}).items()]
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise ValueError(f"{path}: 'rows' must be a list of objects")
+    return RunResults(path, record, [technique_row(r, str(path)) for r in raw])
+
+
+@dataclass(frozen=True)
+class Trial:
+    number: int
+    speedup: float
+    quality_delta: float
+    feasible: bool
+    knobs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Tuning:
+    folder: Path
+    technique: str
+    trials: list[Trial]
+    best: dict[str, Any] | None
+    skipped: int  # trials not complete or without both figures
+    budget: float  # the tuner's allowed quality degradation, else the project's budget
+    problem: str | None = None
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return data
+
+
+def load_tuning(folder: Path, budget: float) -> Tuning:
+    """A ``bk-bench tune`` folder: optimization_results.json ({"trials": [{number, state, knobs,
+    feasible, figures: {wall_speedup, quality_delta, ...}}]}), best_config.json and
+    optimization_metadata.json (the tuner's max_degradation replaces ``budget`` here)."""
+    if not folder.is_dir():
+        raise ValueError(f"tuning folder {folder} does not exist")
+    best = _json_object(folder / "best_config.json")
+    settings = (_json_object(folder / "optimization_metadata.json") or {}).get("settings") or {}
+    name = str(settings.get("technique") or (best or {}).get("technique") or folder.name)
+    limit = settings.get("max_degradation", (best or {}).get("max_degradation"))
+    budget = budget if limit is None else _number(limit, f"{folder} max_degradation",
+                                                  required=True)
+    results_path = folder / "optimization_results.json"
+    if not results_path.is_file():
+        return Tuning(folder, name, [], best, 0, budget,
+                      problem=f"{results_path.name} not found in {folder} "
+                              f"(written by `bk-bench tune TECHNIQUE --output {folder}`)")
+    data = read_json(results_path)
+    raw = data.get("trials") if isinstance(data, dict) else None
+    if not isinstance(raw, list):
+        raise ValueError(f"{results_path}: expected {{'trials': [...]}} as bk-bench tune writes")
+    trials, skipped = [], 0
+    for i, t in enumerate(raw):
+        if not isinstance(t, dict):
+            raise ValueError(f"{results_path}: trial {i} is not an object")
+        figures = t.get("figures") or {}
+        if t.get("state") != "COMPLETE" or not isinstance(figures, dict):
+            skipped += 1  # running, failed or pruned: no measured point to show
+            continue
+        what = f"{results_path}: trial {t.get('number', i)}"
+        speedup = _number(figures.get("wall_speedup"), f"{what} wall_speedup")
+        delta = _number(figures.get("quality_delta"), f"{what} quality_delta")
+        if speedup is None or delta is None:
+            skipped += 1
+            continue
+        feasible = t.get("feasible")
+        trials.append(Trial(int(t.get("number", i)), speedup, delta,
+                            feasible if isinstance(feasible, bool) else delta <= budget,
+                            dict(t.get("knobs") or {})))
+    return Tuning(folder, name, trials, best, skipped, budget)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (speedup, quality delta) points no other point dominates, by speedup.
+
+    ``q`` dominates ``p`` when it is at least as fast and at most as degraded, and strictly
+    better in one of the two.
+    """
+    def dominates(q: tuple[float, float], p: tuple[float, float]) -> bool:
+        return q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1])
+
+    front = [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
+    return sorted(front, key=lambda i: points[i])
+
+
+@dataclass(frozen=True)
+class AsvChange:
+    benchmark: str
+    params: str
+    unit: str
+    before: float | None
+    after: float | None
+    threshold: float
+
+    @property
+    def ratio(self) -> float | None:
+        if self.before is None or self.after is None or not self.before:
+            return None
+        ratio = self.after / self.before
+        return None if math.isnan(ratio) else ratio
+
+    @property
+    def status(self) -> str:
+        """asv's reading: every rise is worse (asv has no higher-is-better). asv writes null
+        for a failed benchmark and NaN for a skipped one."""
+        if self.after is None:
+            return "new failure" if self.before is not None else "failing"
+        if math.isnan(self.after):
+            return "skipped"
+        if self.before is None or math.isnan(self.before):
+            return "new"
+        ratio = self.ratio
+        if ratio is None:
+            return "same"
+        if ratio > 1 + self.threshold:
+            return "worse"
+        if ratio < 1 / (1 + self.threshold):
+            return "better"
+        return "same"
+
+
+@dataclass(frozen=True)
+class AsvComparison:
+    machine: str
+    env: str
+    before: str
+    after: str
+    changes: list[AsvChange]
+
+
+@dataclass(frozen=True)
+class AsvSummary:
+    comparisons: list[AsvComparison] = field(default_factory=list)
+    problem: str | None = None
+
+
+def asv_thresholds(config: Path) -> dict[str, float]:
+    """``regressions_thresholds`` of asv.conf.json (a commented JSON file)."""
+    if not config.is_file():
+        return {}
+    from asv import util
+
+    data = util.load_json(str(config), js_comments=True)
+    return {str(k): float(v) for k, v in data.get("regressions_thresholds", {}).items()}
+
+
+def asv_threshold(name: str, thresholds: dict[str, float]) -> float:
+    """As asv publish decides: the largest threshold whose regex matches, else 0.05."""
+    matching = [t for regex, t in thresholds.items() if re.match(regex, name)]
+    return max(matching) if matching else ASV_DEFAULT_THRESHOLD
+
+
+def _asv_value(value: Any, what: str) -> float | None:
+    """A result as asv stores it: a number, NaN (skipped) or null (failed)."""
+    if isinstance(value, float) and math.isnan(value):
+        return value
+    return _number(value, what)
+
+
+def load_asv(results_dir: Path, config: Path) -> AsvSummary:
+    """The last two commits per machine and environment, compared benchmark by benchmark."""
+    if not results_dir.is_dir():
+        return AsvSummary(problem=f"no asv results in {results_dir}: run `asv run` or "
+                                  f"`asv continuous main HEAD` first")
+    try:
+        from asv.results import iter_results
+    except ImportError:
+        return AsvSummary(problem="asv is not installed (pip install -e '.[bench]'); "
+                                  f"the asv results in {results_dir} were not read")
+    thresholds = asv_thresholds(config)
+    units: dict[str, str] = {}
+    benchmarks_json = results_dir / "benchmarks.json"
+    if benchmarks_json.is_file():
+        units = {k: str(v.get("unit", "")) for k, v in read_json(benchmarks_json).items()
+                 if isinstance(v, dict)}
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for res in iter_results(str(results_dir)):
+        groups.setdefault((res.params.get("machine", "?"), res.env_name), []).append(res)
+    comparisons = []
+    for (machine, env), runs in sorted(groups.items()):
+        runs.sort(key=lambda r: (r.date or 0, r.commit_hash))
+        if len(runs) < 2:
+            continue
+        old, new = runs[-2], runs[-1]
+        changes = []
+        for key in sorted(new.get_all_result_keys()):
+            params = new.get_result_params(key)
+            after = new.get_result_value(key, params) or []
+            before = (old.get_result_value(key, params) if key in old.get_all_result_keys()
+                      else None) or [None] * len(after)
+            labels = [", ".join(combo) for combo in itertools.product(*params)]
+            for label, b, a in zip(labels, before, after, strict=False):
+                changes.append(AsvChange(
+                    key, label, units.get(key, ""),
+                    _asv_value(b, f"asv {old.commit_hash[:8]} {key}"),
+                    _asv_value(a, f"asv {new.commit_hash[:8]} {key}"),
+                    asv_threshold(key, thresholds)))
+        comparisons.append(AsvComparison(machine, env, old.commit_hash, new.commit_hash, changes))
+    if not comparisons:
+        return AsvSummary(problem=f"the asv results in {results_dir} hold fewer than two commits "
+                                  f"per machine; nothing to compare yet")
+    return AsvSummary(comparisons)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (matplotlib, Agg backend). Each PNG is written to a temporary file, then os.replace'd.
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        fig.clf()
+        _pyplot().close(fig)
+
+
+def plot_techniques(rows: Sequence[TechniqueRow], budget: float, path: Path) -> None:
+    """Left: wall speedup (IQR error bars) beside FLOPs speedup and 1 / work ratio.
+    Right: quality delta with the budget line."""
+    import numpy as np
+
+    plt = _pyplot()
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c"]
+    y = np.arange(len(rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.55 * len(rows) + 2.2), sharey=True,
+                                      gridspec_kw={"width_ratios": [3, 2]})
+    h = 0.27
+    wall = [r.wall for r in rows]
+    err = np.array([[r.wall - r.wall_q1 if r.wall_q1 is not None else 0.0 for r in rows],
+                    [r.wall_q3 - r.wall if r.wall_q3 is not None else 0.0 for r in rows]])
+    left.barh(y - h, wall, h, xerr=err, capsize=3, color=palette[0],
+              label="wall speedup (measured, IQR)")
+    left.barh(y, [r.flops or 0.0 for r in rows], h, color=palette[1], label="FLOPs speedup")
+    left.barh(y + h, [1 / r.work_ratio if r.work_ratio else 0.0 for r in rows], h,
+              color=palette[2], label="1 / work ratio")
+    left.axvline(1.0, color="black", lw=0.8)
+    left.set_yticks(y, [r.name for r in rows])
+    left.set_ylim(len(rows) - 0.5, -0.5)  # first row on top, no empty margin
+    left.set_xlabel("x over the dense model (higher is faster)")
+    left.set_title("speed: measured vs counted", pad=28)
+    left.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8,
+                frameon=False)
+
+    deltas = [100 * r.quality_delta if r.quality_delta is not None else 0.0 for r in rows]
+    colors = ["#2ca02c" if r.quality_delta is not None and r.quality_delta <= budget
+              else "#d62728" for r in rows]
+    right.barh(y, deltas, 0.5, color=colors)
+    for yi, r in zip(y, rows, strict=True):
+        if r.quality_delta is None:
+            right.text(0, yi, " n/a", va="center", fontsize=9)
+    right.axvline(100 * budget, color="#d62728", ls="--", lw=1.2,
+                  label=f"budget +{budget:.0%}")
+    right.axvline(0, color="black", lw=0.8)
+    right.set_xlabel("test perplexity change vs dense (%)")
+    right.set_title("quality (lower is better)", pad=28)
+    right.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_pareto(tuning: Tuning, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ok = [t for t in tuning.trials if t.feasible]
+    bad = [t for t in tuning.trials if not t.feasible]
+    ax.scatter([100 * t.quality_delta for t in ok], [t.speedup for t in ok], color="#1f77b4",
+               label="feasible trial", zorder=3)
+    ax.scatter([100 * t.quality_delta for t in bad], [t.speedup for t in bad], color="#d62728",
+               marker="x", label="infeasible trial", zorder=3)
+    points = [(t.speedup, t.quality_delta) for t in tuning.trials]
+    front = [tuning.trials[i] for i in pareto_front(points)]
+    ax.step([100 * t.quality_delta for t in front], [t.speedup for t in front], where="post",
+            color="black", lw=1.2, label="Pareto front")
+    ax.axvline(100 * tuning.budget, color="#d62728", ls="--", lw=1.2,
+               label=f"allowed +{tuning.budget:.1%}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("test perplexity change vs dense (%)")
+    ax.set_ylabel("wall speedup (x)")
+    ax.set_title(f"tuning {tuning.technique}: {len(tuning.trials)} trials")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_cumulative(records: Sequence[dict[str, Any]], target: float, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    x = list(range(len(records)))
+    speed = [float(r["cumulative"]["speedup"]) for r in records]
+    ax.plot(x, speed, color="#1f77b4", lw=1.5, zorder=2)
+    counts = [i for i, r in enumerate(records) if r["cumulative"]["counts"]]
+    misses = [i for i, r in enumerate(records) if not r["cumulative"]["counts"]]
+    ax.scatter(counts, [speed[i] for i in counts], color="#2ca02c", s=50, zorder=3,
+               label="within the quality budget (counts)")
+    ax.scatter(misses, [speed[i] for i in misses], facecolors="white", edgecolors="#d62728",
+               s=50, lw=1.5, zorder=3, label="outside the budget (does not count)")
+    ax.axhline(target, color="black", ls="--", lw=1.2, label=f"target {target:g}x")
+    ax.set_yscale("log")
+    ax.set_ylim(min([*speed, 1.0]) / 1.3, max([*speed, target]) * 1.3)
+    ticks = [t for t in (0.5, 1, 2, 3, 5, 10, 20, 50, 100) if ax.get_ylim()[0] <= t
+             <= ax.get_ylim()[1]]
+    ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.set_xticks(x, [f"{r['commit'][:8]}\n{str(r.get('date', ''))[:10]}" for r in records],
+                  fontsize=8)
+    ax.set_xlim(-0.5, max(len(records) - 0.5, 0.5))
+    ax.set_ylabel("cumulative wall speedup")
+    ax.set_title("cumulative speedup by commit (measured, never multiplied)")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: float | None, pattern: str = "{:.2f}x") -> str:
+    return "n/a" if value is None or math.isnan(value) else pattern.format(value)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]], classes: Iterable[str] = (),
+          notes: bool = False) -> str:
+    """``rows`` cells are HTML already (escaped by the caller); ``notes``: the last column is
+    free text."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join(f'<tr class="{esc(c)}">' + "".join(f"<td>{cell}</td>" for cell in row)
+                   + "</tr>" for row, c in itertools.zip_longest(rows, classes, fillvalue=""))
+    kind = " class=notes" if notes else ""
+    return (f'<div class=wide><table{kind}><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            f"</table></div>")
+
+
+def figure(src: str, alt: str, caption: str) -> str:
+    return (f'<figure><img src="{esc(src)}" alt="{esc(alt)}"><figcaption>{esc(caption)}'
+            f"</figcaption></figure>")
+
+
+def _gap_note(row: TechniqueRow) -> str:
+    if row.gap is None:
+        return ""
+    if row.gap > GAP_FLAG:
+        return "counted savings do not reach the clock"
+    if row.gap < 1 / GAP_FLAG:
+        return "clock beats the counted work: check the work accounting"
+    return ""
+
+
+def section_techniques(results: RunResults | None, budget: float, out: Path) -> str:
+    if results is None:
+        return ("<p class=missing>No results: run <code>bk-bench run</code> (writes "
+                "<code>runs/results.json</code>), then pass it with <code>--results</code>.</p>")
+    if not results.rows:
+        return f"<p class=missing>{esc(results.path)} holds no technique.</p>"
+    plot_techniques(results.rows, budget, out / "techniques.png")
+    header = ["technique", "knobs", "wall speedup", "IQR", "FLOPs speedup", "work ratio",
+              "FLOPs / wall", "ppl delta", "counts?", "per-token stats (mean)", "notes"]
+    cells, classes = [], []
+    for r in results.rows:
+        notes = [n for n in (_gap_note(r), r.noise_warning) if n]
+        iqr = ("n/a" if r.wall_q1 is None or r.wall_q3 is None
+               else f"{r.wall_q1:.2f} - {r.wall_q3:.2f}")
+        counts = {True: "yes", False: "no", None: "n/a"}[r.counts]
+        cells.append([f"<b>{esc(r.name)}</b>", esc(r.knobs), fmt(r.wall), iqr, fmt(r.flops),
+                      fmt(r.work_ratio, "{:.3f}"), fmt(r.gap, "{:.2f}"),
+                      fmt(r.quality_delta, "{:+.2%}"), counts,
+                      "<br>".join(f"{esc(k.removeprefix('mean_'))} {v:.3f}"
+                                  for k, v in sorted(r.stats.items())),
+                      esc("; ".join(notes))])
+        classes.append("flag" if notes else ("miss" if r.counts is False else ""))
+    rec = results.record
+    setup = ", ".join(f"{k}={v}" for k, v in (rec.get("setup") or {}).items())
+    meta = [f"commit {str(rec['commit'])[:10]}" if rec.get("commit") else "",
+            f"date {rec['date']}" if rec.get("date") else "",
+            str((rec.get("machine") or {}).get("cpu", "")), f"setup {setup}" if setup else ""]
+    about = "; ".join(m for m in meta if m)
+    return "".join([
+        f"<p class=meta>From <a href=\"{esc(_rel(results.path, out))}\">"
+        f"{esc(results.path.name)}</a>{esc(': ' + about if about else '')}</p>",
+        figure("techniques.png",
+               "Per technique: bars of wall speedup with interquartile error bars, FLOPs speedup "
+               "and inverse work ratio; beside them, the test perplexity change against the "
+               f"+{budget:.0%} budget line.",
+               "Wall speedup (measured, median of paired rounds, IQR as error bars) next to the "
+               "FLOPs speedup and 1 / work ratio (both counted); right: quality change."),
+        "<div class=callout><b>Honesty check.</b> The wall speedup is timed; the FLOPs speedup and "
+        "the work ratio are counted from the work the model reports it executed. A technique "
+        "that skips work for real shows all three together. When the FLOPs speedup is far above "
+        "the wall speedup, the skipped work is not turning into time (gathers, small matrices, "
+        "Python overhead); when the wall speedup is far above it, the work accounting or the "
+        f"dense path is suspect. Rows are flagged when the two differ by more than "
+        f"{GAP_FLAG:g}x. The dense row is an A/A comparison: its spread is the noise.</div>",
+        table(header, cells, classes, notes=True),
+        _quality_note(rec, budget),
+    ])
+
+
+def _quality_note(record: dict[str, Any], budget: float) -> str:
+    quality = record.get("quality") or {}
+    cum = record.get("cumulative") or {}
+    parts = []
+    if "dense_test_bits" in quality:
+        parts.append(f"dense test: {quality['dense_test_bits']:.3f} bits/char (perplexity "
+                     f"{quality.get('dense_test_perplexity', float('nan')):.2f}); unigram "
+                     f"{quality.get('unigram_test_bits', float('nan')):.3f}, bigram "
+                     f"{quality.get('bigram_test_bits', float('nan')):.3f} bits/char.")
+    if cum:
+        parts.append(f"Cumulative speedup of this run: {float(cum['speedup']):.2f}x from "
+                     f"{cum.get('source', '?')}; quality budget +{budget:.0%}.")
+    return "".join(f"<p>{esc(p)}</p>" for p in parts)
+
+
+def _best_config(best: dict[str, Any]) -> str:
+    if not best.get("knobs"):
+        return f"<p>best_config.json: no configuration ({esc(best.get('reason', 'none'))}).</p>"
+    knobs = ", ".join(f"{k}={v}" for k, v in best["knobs"].items())
+    figures = best.get("figures") or best
+    measured = [f"{label} {fmt(value, pattern)}" for label, value, pattern in (
+        ("wall speedup", figures.get("wall_speedup"), "{:.2f}x"),
+        ("ppl delta", figures.get("quality_delta"), "{:+.2%}"))
+        if isinstance(value, int | float)]
+    return f"<p>Best configuration (best_config.json): {esc(', '.join([knobs, *measured]))}.</p>"
+
+
+def section_tuning(tunings: Sequence[Tuning], out: Path) -> str:
+    if not tunings:
+        return ("<p class=missing>No tuning folder given: run <code>bk-bench tune TECHNIQUE "
+                "--output DIR</code>, then pass <code>--tuning DIR</code>.</p>")
+    parts = []
+    for i, t in enumerate(tunings):
+        parts.append(f"<h3>{esc(t.technique)} <small>({esc(t.folder)})</small></h3>")
+        if t.problem:
+            parts.append(f"<p class=missing>{esc(t.problem)}</p>")
+        elif not t.trials:
+            parts.append(f"<p class=missing>No complete trial with a speedup and a quality delta "
+                         f"yet ({t.skipped} other trials).</p>")
+        else:
+            png = f"pareto-{i}.png"
+            plot_pareto(t, out / png)
+            parts.append(figure(png, f"Scatter of wall speedup against perplexity change for "
+                                     f"{len(t.trials)} {t.technique} trials with the Pareto "
+                                     f"front and the +{t.budget:.1%} allowed-degradation line.",
+                                f"{len(t.trials)} complete trials, {t.skipped} not shown "
+                                f"(incomplete or without figures)."))
+            front = [t.trials[j] for j in pareto_front([(x.speedup, x.quality_delta)
+                                                         for x in t.trials])]
+            parts.append(table(
+                ["trial", "knobs", "wall speedup", "ppl delta", "feasible"],
+                ([str(x.number), esc(", ".join(f"{k}={v}" for k, v in x.knobs.items())),
+                  fmt(x.speedup), fmt(x.quality_delta, "{:+.2%}"), "yes" if x.feasible else "no"]
+                 for x in front)))
+        if t.best is not None:
+            parts.append(_best_config(t.best))
+    return "".join(parts)
+
+
+def section_cumulative(records: Sequence[dict[str, Any]], target: Target, out: Path) -> str:
+    if not records:
+        return ("<p class=missing>No baseline record yet: <code>bk-bench baseline record</code> "
+                "adds one per commit to <code>baselines/records/</code>.</p>")
+    for r in records:
+        _number(r["cumulative"]["speedup"], f"record {r['commit'][:10]} cumulative speedup",
+                required=True)
+    plot_cumulative(records, target.cumulative_speedup, out / "cumulative.png")
+    rows = [[esc(str(r["commit"])[:10]), esc(str(r.get("date", ""))),
+             fmt(r["cumulative"]["speedup"]),
+             esc(r["cumulative"].get("source", "")),
+             "yes" if r["cumulative"]["counts"] else "no"] for r in records]
+    latest = float(records[-1]["cumulative"]["speedup"])
+    return "".join([
+        f"<p>Latest: <b>{latest:.2f}x</b> of the {target.cumulative_speedup:g}x target "
+        f"({latest / target.cumulative_speedup:.0%}), quality budget "
+        f"+{target.quality_budget:.0%}.</p>",
+        figure("cumulative.png",
+               f"Line plot of the cumulative wall speedup over {len(records)} recorded commits "
+               f"with the {target.cumulative_speedup:g}x target line; filled markers count, "
+               "hollow ones are outside the quality budget.",
+               "Each point is a measured speedup (the combined technique, or the best single "
+               "technique within the budget); speedups are never multiplied on paper."),
+        table(["commit", "date", "cumulative speedup", "source", "counts?"], rows,
+              ["" if r["cumulative"]["counts"] else "miss" for r in records]),
+    ])
+
+
+def section_asv(summary: AsvSummary, asv_html: Path, out: Path) -> str:
+    index = asv_html / "index.html"
+    if index.is_file():
+        parts = [f'<p>asv\'s own pages: <a href="{esc(_rel(index, out))}">{esc(index)}</a> '
+                 "(serve them over HTTP, e.g. <code>asv preview</code>: they load their data "
+                 "with scripts, which browsers block on <code>file://</code>).</p>"]
+        hosts = external_hosts(index.read_text(encoding="utf-8", errors="replace"))
+        if hosts:
+            parts.append(f"<p class=missing>asv's pages load scripts and styles from "
+                         f"{esc(', '.join(hosts))}: they need a network connection, unlike "
+                         "this page.</p>")
+    else:
+        parts = [f"<p class=missing>asv's HTML is not published at {esc(asv_html)}: run "
+                 "<code>asv publish</code> (writes it from the results), then "
+                 "<code>asv preview</code> to browse it.</p>"]
+    if summary.problem:
+        parts.append(f"<p class=missing>{esc(summary.problem)}</p>")
+    for c in summary.comparisons:
+        counts = {s: sum(ch.status == s for ch in c.changes)
+                  for s in ("worse", "better", "same", "new", "new failure", "failing", "skipped")}
+        tally = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        parts.append(f"<h3>{esc(c.machine)} <small>{esc(c.env)}</small></h3>"
+                     f"<p>{esc(c.before[:8])} &rarr; {esc(c.after[:8])}: {esc(tally)}. A ratio "
+                     "is new / old, judged against the threshold asv publish would use "
+                     "(asv.conf.json regressions_thresholds); asv reads every rise as worse (it "
+                     "has no higher-is-better), so gated benchmarks track lower-is-better "
+                     "quantities. This compares the last two commits only; asv's own pages "
+                     "detect steps over the whole history.</p>")
+        order = {"new failure": 0, "worse": 1, "better": 2, "failing": 3, "new": 4, "skipped": 5,
+                 "same": 6}
+        changes = sorted(c.changes, key=lambda ch: (order[ch.status], ch.benchmark, ch.params))
+        rows = [[esc(ch.benchmark), esc(ch.params), fmt(ch.before, "{:.4g}"),
+                 fmt(ch.after, "{:.4g}"), fmt(ch.ratio, "{:.3f}"), f"{ch.threshold:.0%}",
+                 esc(ch.status), esc(ch.unit)] for ch in changes]
+        header = ["benchmark", "parameters", "before", "after", "ratio", "threshold", "status",
+                  "unit"]
+        flagged = [i for i, ch in enumerate(changes) if ch.status not in ("same", "skipped")]
+        classes = ["flag" if ch.status in ("worse", "new failure") else "" for ch in changes]
+        parts.append(table(header, [rows[i] for i in flagged], [classes[i] for i in flagged])
+                     if flagged else "<p>No benchmark moved beyond its threshold.</p>")
+        parts.append(f"<details><summary>all {len(rows)} results</summary>"
+                     f"{table(header, rows, classes)}</details>")
+    return "".join(parts)
+
+
+def external_hosts(page: str) -> list[str]:
+    """Hosts a page loads scripts or stylesheets from."""
+    tags = re.findall(r"<(?:script|link)\b[^>]*>", page, flags=re.IGNORECASE)
+    urls = [m for tag in tags for m in re.findall(r'(?:src|href)="(https?://[^"/]+)', tag)
+            if not re.search(r'rel="(?:alternate|canonical)"', tag)]
+    return sorted({u.split("://", 1)[1] for u in urls})
+
+
+def _rel(path: Path, out: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), out.resolve())).as_posix()
+
+
+STYLE = """
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;
+max-width:1400px;padding:0 24px 48px;color:#222}
+h1{margin:24px 0 4px}h2{margin-top:40px;border-bottom:2px solid #ddd;padding-bottom:4px}
+nav a{margin-right:16px}small{color:#666;font-weight:normal}
+figure{margin:16px 0}img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{color:#555;font-size:13px}
+table{border-collapse:collapse;margin:12px 0;font-size:13px;font-variant-numeric:tabular-nums}
+th,td{border-bottom:1px solid #e3e3e3;padding:4px 8px;text-align:right;vertical-align:top}
+td{white-space:nowrap}td:nth-child(-n+2){white-space:normal}
+table.notes td:last-child{text-align:left;white-space:normal;min-width:12em}
+table.notes th:last-child{text-align:left}
+.wide{overflow-x:auto}
+th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
+th{background:#f5f5f5}tr.flag td{background:#fff4e0}tr.miss td{color:#a33}
+.callout{background:#eef5fc;border-left:4px solid #1f77b4;padding:8px 12px;margin:12px 0}
+.missing{color:#666;font-style:italic}.meta{color:#555;font-size:13px}
+code{background:#f3f3f3;padding:1px 4px;border-radius:3px}
+"""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    results: Path | None
+    baselines: Path
+    tunings: tuple[Path, ...]
+    asv_results: Path
+    asv_html: Path
+    asv_config: Path
+
+
+def build(inputs: Inputs, out: Path) -> Path:
+    """Write ``out/index.html`` and its PNGs; returns the page's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    target_file = inputs.baselines / "target.json"
+    target = Target.load(inputs.baselines) if target_file.is_file() else Target.load()
+    results = load_results(inputs.results) if inputs.results is not None else None
+    records = history(inputs.baselines)
+    tunings = [load_tuning(folder, target.quality_budget) for folder in inputs.tunings]
+    summary = load_asv(inputs.asv_results, inputs.asv_config)
+    sections: list[tuple[str, str, Callable[[], str]]] = [
+        ("techniques", "Techniques",
+         lambda: section_techniques(results, target.quality_budget, out)),
+        ("tuning", "Tuning: Pareto fronts",
+         lambda: section_tuning(tunings, out)),
+        ("cumulative", "Cumulative speedup by commit",
+         lambda: section_cumulative(records, target, out)),
+        ("asv", "asv regression summary", lambda: section_asv(summary, inputs.asv_html, out)),
+    ]
+    body = "".join(f'<section id="{key}"><h2>{esc(title)}</h2>{render()}</section>'
+                   for key, title, render in sections)
+    nav = "".join(f'<a href="#{key}">{esc(title)}</a>' for key, title, _ in sections)
+    page = (
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
+        '<meta name=viewport content="width=device-width, initial-scale=1">'
+        '<link rel=icon href="data:,">'  # no favicon request, so no 404 in the console
+        f"<title>bk-bench report</title><style>{STYLE}</style></head><body>"
+        f"<h1>bk-bench report</h1><p class=meta>Target: {target.cumulative_speedup:g}x "
+        f"cumulative wall speedup within +{target.quality_budget:.0%} test perplexity. "
+        f"Speedups are paired, in-process, one-thread timing ratios.</p><nav>{nav}</nav>"
+        f"{body}</body></html>\n")
+    index = out / "index.html"
+    write_atomic(index, page)
+    return index
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", type=Path, default=None,
+                        help="results.json of `bk-bench run` (default: runs/results.json if "
+                             "present)")
+    parser.add_argument("--baselines", type=Path, default=BASELINES,
+                        help="folder with target.json and records/ (default: the repository's "
+                             "baselines/)")
+    parser.add_argument("--tuning", type=Path, nargs="+", action="extend", default=[],
+                        metavar="DIR", help="tuner output folders (bk-bench tune --output)")
+    parser.add_argument("--asv-results", type=Path, default=Path(".asv/results"))
+    parser.add_argument("--asv-html", type=Path, default=Path(".asv/html"))
+    parser.add_argument("--asv-config", type=Path, default=Path("asv.conf.json"),
+                        help="for its regressions_thresholds")
+    parser.add_argument("--output", type=Path, default=Path("report"))
+
+
+def run(args: argparse.Namespace) -> int:
+    results = args.results
+    if results is None:
+        default = Path("runs/results.json")
+        results = default if default.is_file() else None
+    elif not results.is_file():
+        raise ValueError(f"--results {results} does not exist (run `bk-bench run` first)")
+    index = build(Inputs(results, args.baselines, tuple(args.tuning), args.asv_results,
+                         args.asv_html, args.asv_config), args.output)
+    print(f"report: {index}")
+    return 0
