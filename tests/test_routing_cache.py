@@ -1,0 +1,388 @@
+"""Properties of the verified routing cache, the fast path and the tiered top-1 routing."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bk.adaptive.routing_cache import (
+    PRESETS,
+    TIER_NAMES,
+    CachedRoutingLanguageModel,
+    RoutingCache,
+    RoutingCacheSettings,
+    context_windows,
+    window_keys,
+)
+from bk.model import LanguageModel, ModelConfig
+
+TINY = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=16, n_experts=2, d_expert=16,
+                   bk_channels=2)
+WIDTH = 3
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def entries(keys: list[int]) -> tuple[torch.Tensor, ...]:
+    """Cache arguments for ``keys``: the window is derived from the key, expert and gate too."""
+    k = torch.tensor(keys, dtype=torch.int64)
+    windows = torch.stack([k, k + 1, k + 2], dim=1)
+    return k, windows, k % 3, (k % 7 + 1).float() / 8
+
+
+key_lists = st.lists(st.integers(0, 30), max_size=12)
+
+
+def models(settings: RoutingCacheSettings, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    dense = LanguageModel(TINY)
+    cached = CachedRoutingLanguageModel(TINY, settings, **kwargs)
+    cached.load_state_dict(dense.state_dict(), strict=False)
+    return dense.eval(), cached.eval()
+
+
+token_batches = st.tuples(st.integers(1, 3), st.integers(1, TINY.n_seq), st.integers(0, 2**16))
+
+
+def batch(shape) -> torch.Tensor:
+    b, n, seed = shape
+    return torch.randint(0, TINY.vocab_size, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+@given(token_batches, st.integers(0, 5))
+def test_context_windows_hold_the_previous_ids_and_the_token_padded_at_the_start(shape, w):
+    idx = batch(shape)
+    windows = context_windows(idx, w, pad=TINY.vocab_size)
+    b, n = idx.shape
+    assert windows.shape == (b, n, w + 1)
+    for i in range(b):
+        for t in range(n):
+            expected = [int(idx[i, s]) if s >= 0 else TINY.vocab_size for s in range(t - w, t + 1)]
+            assert windows[i, t].tolist() == expected
+
+
+@given(token_batches, st.integers(0, 5))
+def test_equal_windows_get_equal_keys(shape, w):
+    windows = context_windows(batch(shape), w, pad=TINY.vocab_size).reshape(-1, w + 1)
+    keys = window_keys(windows)
+    same_window = (windows[:, None, :] == windows[None, :, :]).all(dim=-1)
+    assert bool((keys[:, None] == keys[None, :])[same_window].all())
+    assert keys.dtype == torch.int64 and bool((keys >= 0).all())
+
+
+# -- the cache -------------------------------------------------------------------------------
+
+
+@given(key_lists)
+def test_an_exact_cache_hit_returns_the_inserted_expert_and_gate(keys):
+    cache = RoutingCache(100, 60.0, WIDTH, clock=FakeClock())
+    k, windows, expert, gate = entries(keys)
+    cache.insert(k, windows, expert, gate)
+    found = cache.lookup(k, windows)
+    assert bool(found.hit.all())
+    assert torch.equal(found.expert, expert) and torch.equal(found.gate, gate)
+
+
+@given(key_lists)
+def test_a_key_with_a_different_window_is_a_miss(keys):
+    cache = RoutingCache(100, 60.0, WIDTH, clock=FakeClock())
+    k, windows, expert, gate = entries(keys)
+    cache.insert(k, windows, expert, gate)
+    assert not bool(cache.lookup(k, windows + 100).hit.any())
+
+
+@given(st.integers(0, 6), st.lists(st.tuples(st.booleans(), key_lists), max_size=8))
+def test_the_cache_never_exceeds_its_size_and_keeps_keys_sorted_and_unique(capacity, ops):
+    cache = RoutingCache(capacity, 60.0, WIDTH, clock=FakeClock())
+    for is_insert, keys in ops:
+        k, windows, expert, gate = entries(keys)
+        if is_insert:
+            cache.insert(k, windows, expert, gate)
+        else:
+            cache.lookup(k, windows)
+        assert len(cache) <= capacity
+        assert bool((cache.keys[1:] > cache.keys[:-1]).all())
+
+
+def reference_lru(capacity: int, ops) -> set[int]:
+    """The documented eviction rule, simulated one entry at a time in Python."""
+    entries_: dict[int, tuple[int, int]] = {}  # key -> (last use tick, insertion serial)
+    tick = serial = 0
+    for is_insert, keys in ops:
+        if not is_insert:
+            if entries_ and keys:
+                tick += 1
+                for key in keys:
+                    if key in entries_:
+                        entries_[key] = (tick, entries_[key][1])
+            continue
+        if not keys or capacity == 0:
+            continue
+        tick += 1
+        last_position = {key: pos for pos, key in enumerate(keys)}
+        for key, pos in last_position.items():
+            entries_[key] = (tick, serial + pos)
+        serial += len(keys)
+        while len(entries_) > capacity:
+            victim = min(entries_, key=lambda key: entries_[key])
+            del entries_[victim]
+    return set(entries_)
+
+
+@given(st.integers(0, 6), st.lists(st.tuples(st.booleans(), key_lists), max_size=8))
+def test_eviction_removes_the_least_recently_used_entries_as_documented(capacity, ops):
+    cache = RoutingCache(capacity, 60.0, WIDTH, clock=FakeClock())
+    for is_insert, keys in ops:
+        k, windows, expert, gate = entries(keys)
+        (cache.insert if is_insert else cache.lookup)(*((k, windows, expert, gate) if is_insert
+                                                       else (k, windows)))
+    assert set(cache.keys.tolist()) == reference_lru(capacity, ops)
+
+
+# Whole seconds make "exactly ttl_seconds old" (expired) a common case.
+@given(st.lists(st.tuples(st.integers(0, 100), st.integers(0, 5)), min_size=1, max_size=10),
+       st.integers(0, 200), st.integers(1, 50))
+def test_expiry_follows_the_clock(insertions, query_time, ttl):
+    clock = FakeClock()
+    cache = RoutingCache(100, ttl, WIDTH, clock=clock)
+    inserted_at: dict[int, float] = {}
+    for when, key in sorted(insertions):
+        clock.now = when
+        if when - inserted_at.get(key, -math.inf) >= ttl:
+            inserted_at.pop(key, None)  # the old entry expired before this insertion
+        cache.insert(*entries([key]))
+        inserted_at[key] = when
+    clock.now = max(query_time, clock.now)
+    keys = sorted(inserted_at)
+    found = cache.lookup(*entries(keys)[:2])
+    expected = [clock.now - inserted_at[key] < ttl for key in keys]
+    assert found.hit.tolist() == expected
+    assert len(cache) == sum(expected)
+
+
+@pytest.mark.parametrize("age, alive", [(0.0, True), (59.999, True), (60.0, False), (61.0, False)])
+def test_an_entry_expires_exactly_ttl_seconds_after_insertion_and_hits_do_not_extend_it(age,
+                                                                                        alive):
+    clock = FakeClock()
+    cache = RoutingCache(10, 60.0, WIDTH, clock=clock)
+    cache.insert(*entries([7]))
+    clock.now = age / 2
+    assert bool(cache.lookup(*entries([7])[:2]).hit.all())
+    clock.now = age
+    assert cache.lookup(*entries([7])[:2]).hit.tolist() == [alive]
+    assert len(cache) == int(alive)
+
+
+def test_bad_cache_input_is_rejected_with_a_clear_error():
+    cache = RoutingCache(10, 60.0, WIDTH, clock=FakeClock())
+    k, windows, expert, gate = entries([1, 2])
+    with pytest.raises(ValueError, match="probabilities"):
+        cache.insert(k, windows, expert, torch.tensor([0.5, float("nan")]))
+    with pytest.raises(ValueError, match="windows must be int64 of shape"):
+        cache.lookup(k, windows[:, :2])
+    with pytest.raises(TypeError, match="1-D int64"):
+        cache.lookup(k.float(), windows)
+    with pytest.raises(ValueError, match="cache_ttl_seconds must be > 0"):
+        RoutingCacheSettings(cache_ttl_seconds=0)
+    with pytest.raises(ValueError, match="entropy_threshold must be a number"):
+        RoutingCacheSettings(entropy_threshold=float("nan"))
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+@given(token_batches, st.sampled_from(sorted(PRESETS)))
+def test_disabled_routing_equals_the_baseline_router_bit_for_bit(shape, preset):
+    idx = batch(shape)
+    y = batch((*shape[:2], shape[2] + 1))
+    settings = RoutingCacheSettings(**{**PRESETS[preset].__dict__, "enabled": False})
+    dense, cached = models(settings, seed=shape[2])
+    cached.observe_batches([idx])  # a fast-path table exists but must not be used
+    with torch.no_grad():
+        for _ in range(2):
+            want, got = dense(idx, y), cached(idx, y)
+            assert torch.equal(want.logits, got.logits)
+            assert torch.equal(want.loss, got.loss)
+            assert want.work == got.work
+
+
+@given(token_batches)
+def test_tiers_that_take_nothing_equal_the_baseline_router_bit_for_bit(shape):
+    idx = batch(shape)
+    settings = RoutingCacheSettings(cache_size=0, frequency_threshold=math.inf)
+    dense, cached = models(settings, seed=shape[2])
+    cached.observe_batches([idx])
+    with torch.no_grad():
+        want, got = dense(idx), cached(idx)
+    assert torch.equal(want.logits, got.logits)
+    assert float(got.stats["tier_router"].min()) == 1.0
+
+
+@given(token_batches)
+def test_a_cache_covering_the_whole_prefix_reproduces_the_router_on_the_next_pass(shape):
+    # With the window as long as the sequence the key determines the hidden state, so a hit
+    # must give the decision recomputation would give.
+    idx = batch(shape)
+    settings = RoutingCacheSettings(confidence_threshold=0.0, context_window_size=TINY.n_seq,
+                                    frequency_threshold=math.inf)
+    dense, cached = models(settings, seed=shape[2], clock=FakeClock())
+    with torch.no_grad():
+        want = dense(idx)
+        first, second = cached(idx), cached(idx)
+    assert float(first.stats["tier_router"].min()) == 1.0
+    assert float(second.stats["tier_cache"].min()) == 1.0
+    torch.testing.assert_close(second.logits, want.logits)
+
+
+@given(token_batches, st.sampled_from(sorted(PRESETS)), st.integers(0, 3))
+def test_tiered_routing_keeps_the_router_output_shape_dtype_and_top1_meaning(shape, preset,
+                                                                             warm_passes):
+    idx = batch(shape)
+    dense, cached = models(replace_window(PRESETS[preset]), seed=shape[2], clock=FakeClock())
+    cached.observe_batches([idx, batch((4, TINY.n_seq, shape[2] + 7))])
+    for _ in range(warm_passes):
+        with torch.no_grad():
+            cached(idx)
+    block = cached.blocks[0]
+    with torch.no_grad():
+        h = block.norm(cached.embed(idx).reshape(-1, TINY.d_model))
+        windows = context_windows(idx, cached.settings.context_window_size,
+                                  TINY.vocab_size).reshape(idx.numel(), -1)
+        routing, tier = cached.route_tiers(0, block.moe, h, idx.reshape(-1),
+                                           window_keys(windows), windows)
+        baseline = block.moe.route(h)
+    assert routing.expert.shape == baseline.expert.shape and routing.expert.dtype == torch.int64
+    assert routing.gate.shape == baseline.gate.shape and routing.gate.dtype == baseline.gate.dtype
+    assert bool(((routing.expert >= 0) & (routing.expert < TINY.n_experts)).all())
+    assert bool(((routing.gate > 0) & (routing.gate <= 1)).all())
+    by_router = tier == TIER_NAMES.index("router")
+    assert torch.equal(routing.expert[by_router], baseline.expert[by_router])
+    torch.testing.assert_close(routing.gate[by_router], baseline.gate[by_router])
+    expert_table, gate_table = cached.fast_path_table()
+    fast = tier == TIER_NAMES.index("fast_path")
+    tokens = idx.reshape(-1)
+    assert torch.equal(routing.expert[fast], expert_table[0, tokens[fast]])
+    assert torch.equal(routing.gate[fast], gate_table[0, tokens[fast]])
+
+
+def replace_window(settings: RoutingCacheSettings) -> RoutingCacheSettings:
+    return RoutingCacheSettings(**{**settings.__dict__, "confidence_threshold": 0.5})
+
+
+@given(st.integers(0, 2**16), st.floats(0.0, 1.4), st.integers(1, 40))
+def test_the_fast_path_takes_exactly_the_frequent_low_entropy_tokens(seed, entropy_cap, min_count):
+    settings = RoutingCacheSettings(frequency_threshold=min_count, entropy_threshold=entropy_cap)
+    _, cached = models(settings, seed=seed)
+    idx = batch((3, TINY.n_seq, seed))
+    cached.observe_batches([idx])
+    dense64 = LanguageModel(TINY).double()
+    dense64.load_state_dict({k: v for k, v in cached.state_dict().items()
+                             if k in dense64.state_dict()})
+    counts = torch.bincount(idx.reshape(-1), minlength=TINY.vocab_size).double()
+    x = dense64.embed(idx)
+    expert_table, _ = cached.fast_path_table()
+    with torch.no_grad():
+        for layer, block in enumerate(dense64.blocks):
+            h = block.norm(x.reshape(idx.numel(), -1))
+            probs = torch.softmax(block.moe.router(h), dim=-1)
+            sums = torch.zeros(TINY.vocab_size, TINY.n_experts, dtype=torch.float64)
+            sums.index_add_(0, idx.reshape(-1), probs)
+            for token in range(TINY.vocab_size):
+                if counts[token] == 0:
+                    assert int(expert_table[layer, token]) == -1
+                    continue
+                mean = sums[token] / counts[token]
+                entropy = -float((mean * mean.log()).nan_to_num(0.0).sum())
+                if abs(entropy - entropy_cap) < 1e-5:
+                    continue  # float32 statistics may fall on either side of the threshold
+                eligible = counts[token] >= min_count and entropy <= entropy_cap
+                assert (int(expert_table[layer, token]) >= 0) == eligible
+                if eligible:
+                    assert int(expert_table[layer, token]) == int(mean.argmax())
+            x, _ = block(x)
+
+
+@given(token_batches, st.sampled_from(sorted(PRESETS)))
+def test_each_token_layer_is_decided_by_exactly_one_tier(shape, preset):
+    idx = batch(shape)
+    _, cached = models(PRESETS[preset], seed=shape[2], clock=FakeClock())
+    cached.observe_batches([batch((4, TINY.n_seq, shape[2] + 1))])
+    with torch.no_grad():
+        cached(idx)
+        out = cached(idx)
+    total = sum(out.stats[f"tier_{name}"] for name in TIER_NAMES)
+    torch.testing.assert_close(total, torch.ones(idx.shape))
+    layers = TINY.n_layers
+    assert out.work.token_layers == out.work.expert_calls == idx.numel() * layers
+
+
+def test_calibration_steps_leave_the_dense_weights_exactly_unchanged():
+    _, cached = models(RoutingCacheSettings(), calibrate_only=True)
+    before = {k: v.clone() for k, v in cached.state_dict().items()}
+    optimizer = torch.optim.AdamW(cached.parameters(), lr=1e-2, weight_decay=0.1)
+    cached.train()
+    for seed in range(3):
+        x, y = batch((2, TINY.n_seq, seed)), batch((2, TINY.n_seq, seed + 10))
+        optimizer.zero_grad()
+        cached(x, y).loss.backward()
+        optimizer.step()
+    for name, tensor in cached.state_dict().items():
+        if name not in ("token_counts", "prob_sums"):
+            assert torch.equal(tensor, before[name]), name
+    assert float(cached.token_counts.sum()) == 3 * 2 * TINY.n_seq
+    torch.testing.assert_close(cached.prob_sums.sum(dim=(1, 2)),
+                               torch.full((TINY.n_layers,), 3 * 2 * TINY.n_seq,
+                                          dtype=torch.float64))
+
+
+def test_a_training_step_clears_the_caches():
+    _, cached = models(RoutingCacheSettings(confidence_threshold=0.0), clock=FakeClock())
+    idx = batch((2, TINY.n_seq, 0))
+    with torch.no_grad():
+        cached(idx)
+    assert all(len(cache) > 0 for cache in cached.caches)
+    cached.train()
+    cached(idx)
+    assert all(len(cache) == 0 for cache in cached.caches)
+
+
+def tiny_corpus(seed: int):
+    from bk.data import Corpus, Vocabulary
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = Vocabulary(tuple("abcdefghijklmnopq"))
+    streams = [torch.randint(0, TINY.vocab_size, (n,), generator=g) for n in (300, 50, 200)]
+    return Corpus("tiny", vocab, *streams)
+
+
+@given(st.integers(0, 2**16), st.sampled_from(sorted(PRESETS)))
+def test_routing_stats_count_the_calibration_tokens_and_shares_sum_to_one(seed, preset):
+    from bench.routing_stats import routing_stats
+
+    corpus = tiny_corpus(seed)
+    torch.manual_seed(seed)
+    tables = routing_stats(LanguageModel(TINY), corpus, settings=PRESETS[preset],
+                           calibration_batches=2, eval_batches=3, batch_size=4)
+    tokens, tiers = tables["tokens"], tables["tiers"]
+    calibrated = corpus.train[: 2 * 4 * TINY.n_seq]
+    counts = torch.bincount(calibrated, minlength=TINY.vocab_size).tolist()
+    for layer in range(TINY.n_layers):
+        assert tokens[tokens.layer == layer].frequency.tolist() == counts
+    entropies = tokens.router_entropy[tokens.frequency > 0]
+    # float32 router probabilities sum to 1 within ~1e-7, so H(mean p) may exceed ln E by that.
+    assert ((entropies >= -1e-6) & (entropies <= math.log(TINY.n_experts) + 1e-6)).all()
+    assert (tokens.fast_path <= (tokens.frequency >= PRESETS[preset].frequency_threshold)).all()
+    shares = tiers[list(TIER_NAMES)].sum(axis=1)
+    assert ((shares - 1).abs() < 1e-9).all()
+    assert list(tiers.layer) == [*map(str, range(TINY.n_layers)), "all"]
