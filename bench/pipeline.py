@@ -7,6 +7,7 @@ Checkpoints are cached under ``<output>/checkpoints`` keyed by everything that d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -58,8 +59,21 @@ class Setup:
         return described
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of the model code and the technique registrations: a checkpoint trained by other
+    code is never reused."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    sources = [*(root / "bk").rglob("*.py"), *(root / "bench" / "techniques").glob("*.py")]
+    for path in sorted(sources):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _key(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
+    text = json.dumps([code_fingerprint(), *parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
