@@ -131,9 +131,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from bench.run import render, sweep
 
     knob, values = args.knob
-    df = sweep(setup_from(args), args.technique, knob, values, dict(args.set or []))
+    df, path = sweep(setup_from(args), args.technique, knob, values, dict(args.set or []))
     print(render(df, extra=[knob, *[c for c in df.columns if c.startswith("mean_")]]))
-    print(f"\nwritten: {args.output / 'sweeps' / f'{args.technique}-{knob}'}.csv/.json")
+    print(f"\nwritten: {path}.csv and {path}.json")
     return 0
 
 

@@ -137,8 +137,13 @@ def _clean(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def sweep(setup: Setup, technique: str, knob: str, values: list[Any],
-          fixed: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """Fine-tune and measure ``technique`` at each value of one knob; returns the table."""
+          fixed: Mapping[str, Any] | None = None) -> tuple[pd.DataFrame, Path]:
+    """Fine-tune and measure ``technique`` at each value of one knob.
+
+    Returns the table and the path stem of its CSV/JSON files, which name the technique, the
+    knob, the fixed knobs, the sequence length, quick or full, and the training steps, so
+    sweeps of different settings never overwrite each other.
+    """
     bench = Bench(setup)
     target = Target.load()
     comparisons, knobs = [], {}
@@ -150,8 +155,12 @@ def sweep(setup: Setup, technique: str, knob: str, values: list[Any],
         comparisons.append(c)
     df = frame(comparisons, target, knobs)
     df.insert(1, knob, values)
-    out = setup.output / "sweeps" / f"{technique}-{knob}"
+    settings = "-".join(f"{k}={v}" for k, v in sorted((fixed or {}).items()))
+    scale = "quick" if setup.workload_batches else "full"
+    name = "-".join(filter(None, [technique, knob, settings, f"n{setup.seq_len}", scale,
+                                  f"s{setup.steps}"]))
+    out = setup.output / "sweeps" / name
     write_atomic(out.with_suffix(".csv"), df.to_csv(index=False))
     write_atomic(out.with_suffix(".json"), dump_json(_clean(df.to_dict("records"))))
-    return df
+    return df, out
 
