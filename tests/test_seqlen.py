@@ -1,0 +1,269 @@
+"""Properties of the learned sequence length wrapper (bk/adaptive/seqlen.py)."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bench.registry import get
+from bk.adaptive.seqlen import LengthAdaptiveModel, length_bins, pad_positions, truncate_positions
+from bk.model import LanguageModel, ModelConfig
+
+CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=48, n_experts=2, d_expert=16,
+                  bk_channels=2)
+BINS = (16, 32, 48)
+
+seeds = st.integers(0, 2**16)
+
+
+@st.composite
+def token_batches(draw, max_batch=4, max_len=CFG.n_seq):
+    b = draw(st.integers(1, max_batch))
+    n = draw(st.integers(1, max_len))
+    values = draw(st.lists(st.integers(0, CFG.vocab_size - 1), min_size=b * n, max_size=b * n))
+    return torch.tensor(values, dtype=torch.int64).view(b, n)
+
+
+@st.composite
+def lengths_for(draw, idx):
+    n = idx.shape[1]
+    return torch.tensor(draw(st.lists(st.integers(1, n), min_size=idx.shape[0],
+                                      max_size=idx.shape[0])))
+
+
+def tiny_model(seed: int, dtype: torch.dtype = torch.float64, **kwargs) -> LengthAdaptiveModel:
+    torch.manual_seed(seed)
+    model = LengthAdaptiveModel(CFG, **kwargs)
+    with torch.no_grad():
+        model.fallback_counts.uniform_(1.0, 100.0)
+    return model.to(dtype).eval()
+
+
+def base_of(model: LengthAdaptiveModel) -> LanguageModel:
+    base = LanguageModel(CFG).to(model.embed.weight.dtype).eval()
+    base.load_state_dict(model.state_dict(), strict=False)
+    return base
+
+
+def test_length_bins_step_by_16_and_end_at_n_seq():
+    assert length_bins(48) == BINS
+    assert length_bins(40) == (16, 32, 40)
+    assert length_bins(8) == (8,)
+    assert tiny_model(0).bins == BINS
+
+
+@given(st.integers(1, 3), st.integers(1, 10), st.integers(0, 6), st.integers(1, 4))
+def test_pad_then_truncate_returns_the_input_exactly(b, n, extra, v):
+    t = torch.randn(b, n, v)
+    fill = torch.randn(v)
+    padded = pad_positions(t, n + extra, fill)
+    assert padded.shape == (b, n + extra, v)
+    assert torch.equal(truncate_positions(padded, n), t)
+    assert bool((padded[:, n:] == fill).all())
+
+
+@given(st.integers(1, 3), st.integers(1, 10), st.data())
+def test_truncate_then_restore_gives_the_original_shape(b, n, data):
+    length = data.draw(st.integers(1, n))
+    t = torch.randn(b, n, 5)
+    restored = pad_positions(truncate_positions(t, length), n, torch.zeros(5))
+    assert restored.shape == t.shape
+    assert torch.equal(restored[:, :length], t[:, :length])
+
+
+@given(seeds, token_batches(max_len=CFG.n_seq))
+def test_a_fresh_predictor_chooses_the_full_length_so_the_candidate_starts_as_the_base(seed, idx):
+    torch.manual_seed(seed)
+    model = LengthAdaptiveModel(CFG).eval()
+    with torch.no_grad():
+        out, base = model(idx, idx), base_of(model)(idx, idx)
+    assert bool((out.stats["length"] == idx.shape[1]).all())
+    assert torch.equal(out.logits, base.logits)
+
+
+@given(seeds, token_batches(max_len=CFG.n_seq))
+def test_at_full_length_the_wrapper_equals_the_base_model_exactly(seed, idx):
+    model = tiny_model(seed, dtype=torch.float32)
+    full = torch.full((idx.shape[0],), idx.shape[1])
+    with torch.no_grad():
+        out, base = model.run_at_lengths(idx, full, idx), base_of(model)(idx, idx)
+    assert torch.equal(out.logits, base.logits)
+    assert torch.equal(out.ce, base.ce)
+    assert out.work == base.work
+
+
+@given(seeds, token_batches(), st.data())
+def test_truncation_leaves_the_outputs_below_the_length_unchanged(seed, idx, data):
+    model = tiny_model(seed)
+    lengths = data.draw(lengths_for(idx))
+    with torch.no_grad():
+        out = model.run_at_lengths(idx, lengths)
+        base = base_of(model)(idx)
+        for row, length in enumerate(lengths.tolist()):
+            torch.testing.assert_close(out.logits[row, :length], base.logits[row, :length],
+                                       rtol=1e-12, atol=1e-12)
+
+
+@given(seeds, token_batches(), st.data())
+def test_every_uncomputed_position_is_scored_on_the_unigram_fallback(seed, idx, data):
+    model = tiny_model(seed)
+    lengths = data.draw(lengths_for(idx))
+    with torch.no_grad():
+        out = model.run_at_lengths(idx, lengths, idx)
+        fallback = model.fallback()
+        for row, length in enumerate(lengths.tolist()):
+            assert bool((out.logits[row, length:] == fallback).all())
+        log_probs = torch.log_softmax(out.logits, dim=-1)
+        nll = -log_probs.gather(-1, idx[..., None]).mean()
+    assert out.logits.shape == (*idx.shape, CFG.vocab_size)
+    torch.testing.assert_close(out.ce, nll, rtol=1e-12, atol=1e-12)
+
+
+@given(seeds, token_batches(), st.data())
+def test_the_work_counter_scales_with_the_computed_length(seed, idx, data):
+    model = tiny_model(seed)
+    lengths = data.draw(lengths_for(idx))
+    with torch.no_grad():
+        out = model.run_at_lengths(idx, lengths)
+    computed = int(lengths.sum())
+    assert out.work.token_layers == computed * CFG.n_layers
+    assert out.work.expert_calls == computed * CFG.n_layers
+    assert out.work.positions == computed * CFG.n_layers
+    assert torch.equal(out.stats["length"][:, 0], lengths.to(torch.float64))
+    assert float(out.stats["layers_per_token"].sum()) == computed * CFG.n_layers
+
+
+@given(seeds, token_batches(max_batch=4))
+def test_a_sequence_result_does_not_depend_on_the_others_in_its_batch(seed, idx):
+    model = tiny_model(seed)
+    with torch.no_grad():
+        batch = model(idx)
+        for row in range(idx.shape[0]):
+            alone = model(idx[row:row + 1])
+            assert torch.equal(alone.stats["length"][0], batch.stats["length"][row])
+            torch.testing.assert_close(alone.logits[0], batch.logits[row], rtol=1e-12,
+                                       atol=1e-12)
+
+
+@given(seeds, st.floats(0.0, 2.0))
+def test_bin_costs_from_one_full_pass_equal_the_loss_of_really_truncating(seed, penalty):
+    model = tiny_model(seed, length_penalty=penalty)
+    idx = torch.randint(0, CFG.vocab_size, (3, CFG.n_seq),
+                        generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        full = base_of(model)(idx).logits
+        model_nll = torch.nn.functional.cross_entropy(full.transpose(1, 2), idx,
+                                                      reduction="none")
+        fallback_nll = -model.fallback()[idx]
+        cost = model.bin_cost(model_nll, fallback_nll)
+        for k, length in enumerate(BINS):
+            for row in range(3):
+                truncated = model.run_at_lengths(idx[row:row + 1], torch.tensor([length]),
+                                                 idx[row:row + 1])
+                expected = truncated.ce + penalty * length / CFG.n_seq
+                torch.testing.assert_close(cost[row, k], expected, rtol=1e-10, atol=1e-10)
+
+
+@given(seeds)
+def test_the_gradient_reaches_the_predictor(seed):
+    model = tiny_model(seed, dtype=torch.float32).train()
+    idx = torch.randint(0, CFG.vocab_size, (4, CFG.n_seq),
+                        generator=torch.Generator().manual_seed(seed))
+    model(idx, idx).loss.backward()
+    for p in (model.length_predictor.weight, model.length_predictor.bias):
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all())
+        assert float(p.grad.abs().sum()) > 0
+
+
+@given(token_batches())
+def test_the_fallback_is_the_add_one_unigram_of_the_training_targets(idx):
+    model = LengthAdaptiveModel(CFG).train()
+    model(idx, idx)
+    model(idx, idx)
+    counts = 1.0 + 2.0 * torch.bincount(idx.reshape(-1), minlength=CFG.vocab_size)
+    torch.testing.assert_close(model.fallback(), torch.log(counts / counts.sum()))
+    model.eval()(idx, idx)
+    torch.testing.assert_close(model.fallback(), torch.log(counts / counts.sum()))
+
+
+def test_training_outputs_are_scored_at_the_sampled_length():
+    model = tiny_model(3).train()
+    idx = torch.randint(0, CFG.vocab_size, (4, CFG.n_seq),
+                        generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    out = model(idx, idx)
+    with torch.no_grad():
+        lengths = out.stats["length"][:, 0].long()
+        again = model.eval().run_at_lengths(idx, lengths, idx)
+    torch.testing.assert_close(out.logits, again.logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.ce, again.ce, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("penalty, fallback_peak, shorter", [(20.0, 1.0, True),
+                                                             (0.0, 1e12, False)])
+def test_predictor_training_moves_the_expected_length_towards_the_cheapest_bin(
+        penalty, fallback_peak, shorter):
+    # Targets avoid token 0. A uniform fallback costs about as much as the random model, so a
+    # large penalty makes the shortest bin cheapest; a fallback peaked on token 0 makes every
+    # uncomputed position very costly, so without a penalty the full length is cheapest.
+    model = tiny_model(11, dtype=torch.float32, length_penalty=penalty)
+    with torch.no_grad():
+        model.fallback_counts.fill_(1.0)
+        model.fallback_counts[0] = fallback_peak
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(1, CFG.vocab_size, (8, CFG.n_seq), generator=generator)
+    targets = torch.randint(1, CFG.vocab_size, (8, CFG.n_seq), generator=generator)
+    for p in model.parameters():
+        p.requires_grad_(p is model.length_predictor.weight or p is model.length_predictor.bias)
+    bins = torch.tensor(BINS, dtype=torch.float32)
+
+    def expected_length() -> float:
+        with torch.no_grad():
+            return float((torch.softmax(model.bin_scores(idx), -1) * bins).sum(-1).mean())
+
+    before = expected_length()
+    optimizer = torch.optim.SGD(model.length_predictor.parameters(), lr=0.01)
+    model.train()
+    torch.manual_seed(0)
+    for _ in range(20):
+        optimizer.zero_grad()
+        model(idx, targets).loss.backward()
+        optimizer.step()
+    after = expected_length()
+    assert (after < before - 1.0) if shorter else (after > before + 1.0)
+
+
+def test_bad_lengths_are_rejected_with_a_clear_error():
+    model = tiny_model(0)
+    idx = torch.zeros(2, 8, dtype=torch.int64)
+    with pytest.raises(ValueError, match="lengths"):
+        model.run_at_lengths(idx, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="lengths"):
+        model.run_at_lengths(idx, torch.tensor([9, 4]))
+    with pytest.raises(ValueError, match="lengths"):
+        model.run_at_lengths(idx, torch.tensor([4]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"length_penalty": -0.1}, "length_penalty"),
+    ({"length_penalty": float("nan")}, "length_penalty"),
+    ({"gumbel_tau": 0.0}, "gumbel_tau"),
+])
+def test_bad_settings_are_rejected_with_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LengthAdaptiveModel(CFG, **kwargs)
+
+
+def test_dense_weights_load_leaving_only_the_predictor_and_fallback_new():
+    model = LengthAdaptiveModel(CFG)
+    result = model.load_state_dict(LanguageModel(CFG).state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert sorted(result.missing_keys) == ["fallback_counts", "length_predictor.bias",
+                                           "length_predictor.weight"]
+
+
+def test_the_technique_is_registered_with_its_knob():
+    technique = get("seqlen")
+    assert technique.defaults() == {"length_penalty": 0.1}
+    model = technique.make(CFG, {"length_penalty": 0.5})
+    assert isinstance(model, LengthAdaptiveModel) and model.length_penalty == 0.5
