@@ -1,5 +1,9 @@
 """Train (or reuse) the dense reference and each technique, then measure them.
 
+A technique is fine-tuned from the trained dense model; its reference is the dense model
+fine-tuned for the same steps with the same schedule (the "dense control"), so a quality delta
+never mistakes extra training for a property of the technique.
+
 Checkpoints are cached under ``<output>/checkpoints`` keyed by everything that determines them
 (corpus, model and training settings, technique and knobs), so `run`, `sweep`, `baseline` and
 `tune` share trained models instead of retraining.
@@ -10,7 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -114,6 +118,39 @@ class Bench:
             self._dense = model
         return self._dense
 
+    def _finetuned(self, name: str, build: Callable[[ModelConfig], nn.Module], steps: int,
+                   knobs: dict[str, Any],
+                   schedule: Callable[[nn.Module, float], None] | None) -> nn.Module:
+        """``build`` initialised from the trained dense model and trained ``steps`` more steps."""
+        dense = self.dense()
+        train_config = self.setup.train_config(steps)
+        key = _key(self.setup.corpus, asdict(dense.cfg), asdict(self.setup.train_config()),
+                   name, knobs, asdict(train_config))
+        path = self.checkpoints / f"{name}-{key}.pt"
+        if path.exists():
+            model, _ = load_model(path, build)
+            return model
+        model = build(dense.cfg)
+        unexpected = model.load_state_dict(dense.state_dict(), strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"technique {name!r} does not accept the dense weights "
+                             f"{unexpected}; keep the dense parameter names")
+
+        def on_step(step: int, m: nn.Module) -> None:
+            if schedule is not None:
+                schedule(m, step / max(1, steps))
+
+        train(model, self.corpus, train_config, checkpoint=path, progress=self.setup.progress,
+              desc=f"fine-tune {name}", on_step=on_step,
+              meta={"technique": name, "knobs": knobs})
+        if schedule is not None:
+            schedule(model, 1.0)
+        model.eval()
+        return model
+
+    def finetune_steps(self, technique: Technique) -> int:
+        return round(self.setup.steps * technique.finetune_fraction)
+
     def candidate(self, technique: Technique | str,
                   knobs: Mapping[str, Any] | None = None) -> nn.Module:
         """The technique fine-tuned from the trained dense model (cached on disk)."""
@@ -121,42 +158,22 @@ class Bench:
         if technique.name == REFERENCE:
             return self.dense()
         values = technique.resolve(knobs)
-        dense = self.dense()
-        steps = round(self.setup.steps * technique.finetune_fraction)
-        train_config = self.setup.train_config(steps)
-        key = _key(self.setup.corpus, asdict(dense.cfg), asdict(self.setup.train_config()),
-                   technique.name, values, asdict(train_config))
-        path = self.checkpoints / f"{technique.name}-{key}.pt"
+        return self._finetuned(technique.name, lambda config: technique.build(config, values),
+                               self.finetune_steps(technique), values, technique.schedule)
 
-        def build(config: ModelConfig) -> nn.Module:
-            return technique.build(config, values)
-
-        if path.exists():
-            model, _ = load_model(path, build)
-            return model
-        model = build(dense.cfg)
-        unexpected = model.load_state_dict(dense.state_dict(), strict=False).unexpected_keys
-        if unexpected:
-            raise ValueError(f"technique {technique.name!r} does not accept the dense weights "
-                             f"{unexpected}; keep the dense parameter names")
-        schedule = technique.schedule
-
-        def on_step(step: int, m: nn.Module) -> None:
-            if schedule is not None:
-                schedule(m, step / max(1, steps))
-
-        train(model, self.corpus, train_config, checkpoint=path, progress=self.setup.progress,
-              desc=f"fine-tune {technique.name}", on_step=on_step,
-              meta={"technique": technique.name, "knobs": values})
-        if schedule is not None:
-            schedule(model, 1.0)
-        model.eval()
-        return model
+    def reference(self, technique: Technique | str) -> LanguageModel:
+        """The dense model trained exactly as long as the technique: its fine-tuning steps
+        continue the dense model too, so extra training is never credited to a technique."""
+        technique = get(technique) if isinstance(technique, str) else technique
+        steps = self.finetune_steps(technique)
+        if technique.name == REFERENCE or steps == 0:
+            return self.dense()
+        return self._finetuned(f"{REFERENCE}-control", LanguageModel, steps, {}, None)
 
     def measure(self, technique: Technique | str,
                 knobs: Mapping[str, Any] | None = None) -> Comparison:
         technique = get(technique) if isinstance(technique, str) else technique
         candidate = self.candidate(technique, knobs)
-        return compare(technique.name, self.dense(), candidate, self.workload,
+        return compare(technique.name, self.reference(technique), candidate, self.workload,
                        corpus=self.corpus, rounds=self.setup.rounds,
                        quality_batches=self.setup.quality_batches)

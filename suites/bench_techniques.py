@@ -80,12 +80,11 @@ class Cumulative:
         if COMBINED in NAMES:
             return measured_time_ratio(b, COMBINED)
         target = Target.load()
-        dense = evaluate(b.dense(), b.corpus, max_batches=b.setup.quality_batches).perplexity
         ratios = [1.0]
         for name in NAMES:
-            ppl = evaluate(b.candidate(name), b.corpus,
-                           max_batches=b.setup.quality_batches).perplexity
-            if target.counts(ppl / dense - 1):
+            ppl, ref = (evaluate(m, b.corpus, max_batches=b.setup.quality_batches).perplexity
+                        for m in (b.candidate(name), b.reference(name)))
+            if target.counts(ppl / ref - 1):
                 ratios.append(measured_time_ratio(b, name))
         return min(ratios)
 
