@@ -95,7 +95,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         commit = git_commit()
     except ValueError:
         commit = "unknown"
-    run(setup_from(args), args.techniques, commit=commit)
+    record = run(setup_from(args), args.techniques, commit=commit)
+    if args.record:
+        from bench import baselines
+
+        if commit == "unknown" or not record["techniques"]:
+            raise ValueError("--record needs a git checkout and at least one technique")
+        print(f"recorded {baselines.record(record)}")
     return 0
 
 
@@ -186,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the main job: train, measure and report every technique")
     add_setup_arguments(p)
     p.add_argument("--techniques", nargs="+", help="only these registered techniques")
+    p.add_argument("--record", action="store_true",
+                   help="also write these measurements as this commit's baseline record")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train (or load) the dense baseline and score it")

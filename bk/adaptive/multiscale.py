@@ -92,19 +92,31 @@ class MultiScaleLanguageModel(LanguageModel):
         x = self.embed(idx)
         balance = x.new_zeros(())
         finer: list[tuple[torch.Tensor, torch.Tensor]] = []  # (fine stream, coarse at pooling)
-        token_layers = 0
-        for block, level in zip(self.blocks, self.levels, strict=True):
+        token_layers = positions = 0
+        for i, (block, level) in enumerate(zip(self.blocks, self.levels, strict=True)):
             x = self._move_to(level, x, finer)
             if x.shape[1] > 0:  # a level shorter than one group has no positions to run
-                x, layer_balance = block(x)
+                x, layer_balance, computed = self.run_block(i, block, x)
                 balance = balance + layer_balance
-                token_layers += b * x.shape[1]
+                token_layers += computed
+                positions += b * x.shape[1]
         x = self._move_to(0, x, finer)
         layers = len(self.blocks)
-        work = Work(token_layers=token_layers, expert_calls=token_layers, positions=token_layers)
+        work = Work(token_layers=token_layers, expert_calls=token_layers, positions=positions)
         stats = {"layers_per_token": x.new_full((b, n), token_layers / (b * n))}
-        aux = self.cfg.balance_weight * balance / layers
+        aux = (self.cfg.balance_weight * balance + self.block_penalty()) / layers
         return self.finish(x, targets, aux, work, stats)
+
+    def run_block(self, index: int, block: nn.Module, x: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Block ``index`` on ``x`` at its resolution: (new x, balance loss, positions whose
+        per-token work ran). A subclass may run blocks differently (see bk.adaptive.combined)."""
+        x, balance = block(x)
+        return x, balance, x.shape[0] * x.shape[1]
+
+    def block_penalty(self) -> torch.Tensor | float:
+        """An auxiliary training term gathered by ``run_block``; none here."""
+        return 0.0
 
     def _move_to(self, level: int, x: torch.Tensor,
                  finer: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
