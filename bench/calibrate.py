@@ -7,8 +7,8 @@ rule on ratios measured exactly as the ``track_`` benchmarks measure them
 (``bench.measure.paired_speedup``):
 
 * A/A: parent and HEAD are the same code, so every flag is a false alarm;
-* injected slowdown: HEAD's candidate does ``1 + slowdown`` times the work (it runs the dense
-  forward pass over proportionally more batches), so every miss is a missed regression.
+* injected slowdown: HEAD's candidate does ``1 + slowdown`` times the work (the dense forward
+  pass on batches with proportionally more rows), so every miss is a missed regression.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.files import dump_json, write_atomic
-from bench.measure import paired_speedup
+from bench.measure import Workload, paired_speedup
 from bk.model import LanguageModel, ModelConfig
 
 
@@ -42,29 +42,23 @@ class Calibration:
                 f"{min(self.injected_changes):.3f}x)")
 
 
-def _forward(model: LanguageModel, batches: list[torch.Tensor]):
-    @torch.no_grad()
-    def run() -> None:
-        for x in batches:
-            model(x)
-
-    return run
-
-
 def calibrate(*, comparisons: int = 20, slowdown: float = 0.10, factor: float = 1.05,
-              rounds: int = 7, batches: int = 10, output: Path | None = None,
+              rounds: int = 7, batches: int = 3, rows: int = 40, output: Path | None = None,
               progress: bool = True) -> Calibration:
+    """``rounds`` passes over ``batches`` batches of ``rows x 128`` tokens per measurement, as
+    in the ``track_`` benchmarks (3 batches, 7 passes)."""
     if not 0 < slowdown < 1 or factor <= 1:
         raise ValueError(f"need 0 < slowdown < 1 and factor > 1, got {slowdown}, {factor}")
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(vocab_size=80)).eval()
-    data = [torch.randint(0, 80, (32, 128)) for _ in range(batches * 2)]
-    reference = _forward(model, data[:batches])
-    same = _forward(model, data[:batches])
-    slower = _forward(model, data[: round(batches * (1 + slowdown))])
+    extra = round(rows * slowdown)
+    data = [torch.randint(0, 80, (rows + extra, 128)) for _ in range(batches)]
+    workload = Workload("calibration", [x[:rows] for x in data])
+    reference, same = workload.calls(model), workload.calls(model)
+    slower = Workload("slowed", data).calls(model)
 
     def ratio(candidate) -> float:  # t_candidate / t_reference, as the track_ benchmarks report
-        return 1 / paired_speedup(reference, candidate, rounds=rounds).speedup
+        return 1 / paired_speedup(reference, candidate, rounds=rounds * batches).speedup
 
     aa, injected = [], []
     for _ in tqdm(range(comparisons), desc="calibrate", disable=not progress):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import timeit
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -81,29 +81,42 @@ def _quantile(values: tuple[float, ...], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def paired_speedup(reference: Callable[[], object], candidate: Callable[[], object], *,
+Call = Callable[[], object]
+
+
+def paired_speedup(reference: Call | Sequence[Call], candidate: Call | Sequence[Call], *,
                    rounds: int = 7, warmup: int = 1, number: int = 1,
                    threads: int = 1) -> Speedup:
     """Time ``reference`` and ``candidate`` alternately in this process and compare them.
 
-    Each timing is ``timeit.Timer(fn).timeit(number) / number`` (the standard library's timer:
-    perf_counter, garbage collection paused while timing). torch's benchmark Timer was not used
-    because its ``timeit`` runs extra warm-up calls inside every measurement.
+    Either may be one callable or a sequence of paired callables (for example one per batch of
+    a workload): round ``r`` times pair ``r mod len`` on both sides, alternating which goes
+    first, so a disturbance lasting longer than a round hits both sides alike. Each timing is
+    ``timeit.Timer(fn).timeit(number) / number`` (the standard library's timer: perf_counter,
+    garbage collection paused); torch's benchmark Timer was not used because its ``timeit``
+    runs extra warm-up calls inside every measurement.
     """
+    refs = list(reference) if isinstance(reference, Sequence) else [reference]
+    cands = list(candidate) if isinstance(candidate, Sequence) else [candidate]
+    if len(refs) != len(cands) or not refs:
+        raise ValueError(f"need as many reference as candidate callables (>= 1), got "
+                         f"{len(refs)} and {len(cands)}")
     if rounds < 1 or number < 1 or warmup < 0:
         raise ValueError(f"need rounds >= 1, number >= 1, warmup >= 0; got {rounds}, {number}, "
                          f"{warmup}")
-    timers = [timeit.Timer(fn) for fn in (reference, candidate)]
+    timers = [(timeit.Timer(r), timeit.Timer(c)) for r, c in zip(refs, cands, strict=True)]
     with torch_threads(threads):
         for _ in range(warmup):
-            reference()
-            candidate()
+            for r, c in zip(refs, cands, strict=True):
+                r()
+                c()
         ratios, t_ref, t_cand = [], [], []
         for r in range(rounds):
+            pair = timers[r % len(timers)]
             order = (0, 1) if r % 2 == 0 else (1, 0)
             seconds = [0.0, 0.0]
             for i in order:
-                seconds[i] = timers[i].timeit(number) / number
+                seconds[i] = pair[i].timeit(number) / number
             t_ref.append(seconds[0])
             t_cand.append(seconds[1])
             ratios.append(seconds[0] / seconds[1])
@@ -154,6 +167,21 @@ class Workload:
             for name, value in model(x).stats.items():
                 sums[name] = sums.get(name, 0.0) + float(value.double().sum())
         return {f"mean_{name}": total / self.tokens for name, total in sums.items()}
+
+    def calls(self, model: nn.Module) -> list[Callable[[], object]]:
+        """One no-grad forward pass per batch, for per-batch interleaved timing."""
+        model.eval()
+
+        def forward(x: torch.Tensor) -> Callable[[], object]:
+            return torch.no_grad()(lambda: model(x))
+
+        return [forward(x) for x in self.batches]
+
+    def paired(self, reference: nn.Module, candidate: nn.Module, *, passes: int = 7,
+               threads: int = 1) -> Speedup:
+        """Paired speedup over ``passes`` passes of the workload, interleaved batch by batch."""
+        return paired_speedup(self.calls(reference), self.calls(candidate),
+                              rounds=passes * len(self.batches), threads=threads)
 
     def runner(self, model: nn.Module) -> Callable[[], Work]:
         """A no-grad forward pass of ``model`` over every batch; returns the work executed."""
@@ -237,11 +265,12 @@ def compare(name: str, reference: nn.Module, candidate: nn.Module, workload: Wor
             quality_batches: int | None = None, threads: int = 1) -> Comparison:
     """Measure ``candidate`` against ``reference``: paired wall time, FLOPs, work, quality.
 
+    Wall time: ``rounds`` passes over the workload, interleaved batch by batch.
     FLOPs are counted on the first ``flop_batches`` batches (the counter is slow); work over the
     whole workload; quality on the test split of ``corpus`` when given.
     """
     run_ref, run_cand = workload.runner(reference), workload.runner(candidate)
-    speed = paired_speedup(run_ref, run_cand, rounds=rounds, threads=threads)
+    speed = workload.paired(reference, candidate, passes=rounds, threads=threads)
     sample = Workload(workload.name, workload.batches[:flop_batches])
     flops_ref = count_flops(sample.runner(reference))
     flops_cand = count_flops(sample.runner(candidate))

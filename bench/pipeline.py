@@ -37,7 +37,7 @@ class Setup:
     batch_size: int = 32
     seq_len: int = 128
     seed: int = 0
-    rounds: int = 7
+    rounds: int = 7  # passes over the workload, timed interleaved batch by batch
     workload_batches: int | None = None  # None: the whole test split
     quality_batches: int | None = None  # None: the whole test split
     output: Path = Path("runs")

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from bench.baselines import COMBINED, Target
-from bench.measure import paired_speedup
 from bench.pipeline import Bench
 from bench.pipeline import Setup as BenchSetup  # asv would take a module-level `Setup` for setup
 from bench.registry import REFERENCE, techniques
@@ -42,10 +41,7 @@ def train_all() -> str:
 
 
 def measured_time_ratio(b: Bench, name: str) -> float:
-    workload = b.workload
-    speed = paired_speedup(workload.runner(b.dense()), workload.runner(b.candidate(name)),
-                           rounds=b.setup.rounds)
-    return 1 / speed.speedup
+    return 1 / b.workload.paired(b.dense(), b.candidate(name), passes=b.setup.rounds).speedup
 
 
 class Technique:

@@ -165,3 +165,14 @@ def test_bad_options_give_a_clear_error(capsys):
     assert main(["measure", "nope", "--quick", "--corpus", "synthetic", "--steps", "0",
                  "--output", "/tmp/bk-bench-none", "--no-progress"]) == 2
     assert "unknown technique" in capsys.readouterr().err
+
+
+def test_paired_timing_cycles_through_paired_batches_on_both_sides():
+    calls = []
+    refs = [lambda i=i: calls.append(("r", i)) for i in range(3)]
+    cands = [lambda i=i: calls.append(("c", i)) for i in range(3)]
+    paired_speedup(refs, cands, rounds=4, warmup=0)
+    assert calls == [("r", 0), ("c", 0), ("c", 1), ("r", 1), ("r", 2), ("c", 2), ("c", 0),
+                     ("r", 0)]
+    with pytest.raises(ValueError, match="as many"):
+        paired_speedup(refs, cands[:2])
