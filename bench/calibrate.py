@@ -7,12 +7,16 @@ rule on ratios measured exactly as the ``track_`` benchmarks measure them
 (``bench.measure.paired_speedup``):
 
 * A/A: parent and HEAD are the same code, so every flag is a false alarm;
-* injected slowdown: HEAD's candidate does ``1 + slowdown`` times the work (the dense forward
-  pass on batches with proportionally more rows), so every miss is a missed regression.
+* injected slowdown: HEAD's candidate is the same forward pass followed by a busy wait of
+  ``slowdown`` times that batch's median forward time (measured once beforehand), so it takes
+  exactly ``1 + slowdown`` times as long; every miss is a missed regression.
 """
 
 from __future__ import annotations
 
+import time
+import timeit
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +26,21 @@ from tqdm.auto import tqdm
 from bench.files import dump_json, write_atomic
 from bench.measure import Workload, paired_speedup
 from bk.model import LanguageModel, ModelConfig
+
+
+def _slowed(call: Callable[[], object], slowdown: float) -> Callable[[], None]:
+    """``call`` followed by a busy wait of ``slowdown`` times its median duration."""
+    call()
+    durations = sorted(timeit.Timer(call).repeat(repeat=9, number=1))
+    extra = slowdown * durations[len(durations) // 2]
+
+    def run() -> None:
+        call()
+        end = time.perf_counter() + extra
+        while time.perf_counter() < end:
+            pass
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -43,19 +62,17 @@ class Calibration:
 
 
 def calibrate(*, comparisons: int = 20, slowdown: float = 0.10, factor: float = 1.05,
-              rounds: int = 7, batches: int = 3, rows: int = 40, output: Path | None = None,
+              rounds: int = 25, batches: int = 3, output: Path | None = None,
               progress: bool = True) -> Calibration:
-    """``rounds`` passes over ``batches`` batches of ``rows x 128`` tokens per measurement, as
-    in the ``track_`` benchmarks (3 batches, 7 passes)."""
+    """``rounds`` passes over ``batches`` batches of 32 x 128 tokens per measurement, as in the
+    ``track_`` benchmarks (3 batches, 25 passes)."""
     if not 0 < slowdown < 1 or factor <= 1:
         raise ValueError(f"need 0 < slowdown < 1 and factor > 1, got {slowdown}, {factor}")
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(vocab_size=80)).eval()
-    extra = round(rows * slowdown)
-    data = [torch.randint(0, 80, (rows + extra, 128)) for _ in range(batches)]
-    workload = Workload("calibration", [x[:rows] for x in data])
+    workload = Workload("calibration", [torch.randint(0, 80, (32, 128)) for _ in range(batches)])
     reference, same = workload.calls(model), workload.calls(model)
-    slower = Workload("slowed", data).calls(model)
+    slower = [_slowed(call, slowdown) for call in workload.calls(model)]
 
     def ratio(candidate) -> float:  # t_candidate / t_reference, as the track_ benchmarks report
         return 1 / paired_speedup(reference, candidate, rounds=rounds * batches).speedup

@@ -65,7 +65,9 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--corpus", default="shakespeare",
                        help="shakespeare (default), synthetic, or text:PATH[:word]")
     group.add_argument("--steps", type=int, help="dense training steps (default 1500; quick 300)")
-    group.add_argument("--rounds", type=positive_int, help="paired timing rounds (7; quick 5)")
+    group.add_argument("--rounds", type=positive_int,
+                       help="passes over the workload, timed interleaved batch by batch "
+                            "(default 3; quick 12)")
     group.add_argument("--batch-size", type=positive_int, default=32)
     group.add_argument("--seq-len", type=positive_int, default=128)
     group.add_argument("--seed", type=int, default=0)
@@ -178,7 +180,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from bench.calibrate import calibrate
 
     calibrate(comparisons=args.comparisons, slowdown=args.slowdown, factor=args.factor,
-              rounds=args.rounds or 7, output=args.output)
+              rounds=args.rounds or 25, output=args.output)
     return 0
 
 
@@ -227,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slowdown", type=float, default=0.10)
     p.add_argument("--factor", type=float, default=1.05,
                    help="the gate flags a ratio that worsens by more than this factor")
-    p.add_argument("--rounds", type=positive_int)
+    p.add_argument("--rounds", type=positive_int,
+                   help="passes over the 3 batches per measurement (default 25, as the gate)")
     p.add_argument("--output", type=Path, default=Path("runs"))
     p.set_defaults(func=cmd_calibrate)
 

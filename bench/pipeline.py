@@ -37,7 +37,7 @@ class Setup:
     batch_size: int = 32
     seq_len: int = 128
     seed: int = 0
-    rounds: int = 7  # passes over the workload, timed interleaved batch by batch
+    rounds: int = 3  # passes over the workload, timed interleaved batch by batch
     workload_batches: int | None = None  # None: the whole test split
     quality_batches: int | None = None  # None: the whole test split
     output: Path = Path("runs")
@@ -46,7 +46,7 @@ class Setup:
     @classmethod
     def quick(cls, **overrides: Any) -> Setup:
         """A small version that runs in a few minutes: short training, part of the test split."""
-        return replace(cls(steps=300, rounds=5, workload_batches=6, quality_batches=30),
+        return replace(cls(steps=300, rounds=12, workload_batches=6, quality_batches=30),
                        **overrides)
 
     def train_config(self, steps: int | None = None) -> TrainConfig:

@@ -26,7 +26,7 @@ _BENCHES: dict[str, Bench] = {}
 
 def bench(cache: str) -> Bench:
     if cache not in _BENCHES:
-        setup = BenchSetup(steps=150, rounds=7, workload_batches=3, quality_batches=20,
+        setup = BenchSetup(steps=150, rounds=25, workload_batches=3, quality_batches=20,
                       output=Path(cache), progress=False)
         _BENCHES[cache] = Bench(setup)
     return _BENCHES[cache]
