@@ -166,7 +166,7 @@ class Bench:
         continue the dense model too, so extra training is never credited to a technique."""
         technique = get(technique) if isinstance(technique, str) else technique
         steps = self.finetune_steps(technique)
-        if technique.name == REFERENCE or steps == 0:
+        if technique.name == REFERENCE or steps == 0 or not technique.updates_weights:
             return self.dense()
         return self._finetuned(f"{REFERENCE}-control", LanguageModel, steps, {}, None)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -41,6 +41,9 @@ class Technique:
     same names, so it starts from the trained reference's weights and is fine-tuned for
     ``finetune_fraction`` of the reference's training steps. ``schedule(model, progress)`` runs
     before each fine-tuning step with progress in [0, 1] (for example a sparsity schedule).
+    ``updates_weights=False`` marks a technique whose fine-tuning steps only calibrate (they
+    change no weight), so its quality reference is the dense model itself, not the dense model
+    trained for the same steps.
     """
 
     name: str
@@ -50,7 +53,7 @@ class Technique:
     reference: str = "dense"
     finetune_fraction: float = 0.3
     schedule: Callable[[nn.Module, float], None] | None = None
-    tags: frozenset[str] = field(default_factory=frozenset)
+    updates_weights: bool = True
 
     def defaults(self) -> dict[str, Value]:
         return {k.name: k.default for k in self.knobs}

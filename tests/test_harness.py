@@ -91,10 +91,16 @@ def test_cumulative_is_one_until_a_technique_counts_and_never_a_product():
     target = baselines.Target(10.0, 0.05, 0.01, 0.1)
     rec = baselines.make_record([], {}, target, "c")
     assert rec["cumulative"] == {"speedup": 1.0, "counts": True,
-                                 "source": "dense (no technique within budget)"}
+                                 "source": "dense (no technique within budget is faster)"}
     rec = baselines.make_record([make_comparison("a", 2.0), make_comparison("b", 3.0, ppl_cand=12),
-                                 make_comparison("c", 1.5)], {}, target, "c")
+                                 make_comparison("c", 1.5), make_comparison("d", 0.9)], {},
+                                target, "c")
     assert rec["cumulative"]["speedup"] == 2.0 and rec["cumulative"]["source"] == "a"
+    over_budget = make_comparison("combined", 4.0, ppl_cand=12)
+    rec = baselines.make_record([make_comparison("a", 2.0), over_budget], {}, target, "c")
+    assert rec["cumulative"]["source"] == "a"
+    assert rec["cumulative"]["combined"] == {"wall_speedup": 4.0, "counts": False,
+                                             "quality_delta": pytest.approx(0.2)}
 
 
 def test_check_flags_a_speedup_drop_beyond_tolerance_and_a_quality_budget_breach():

@@ -54,4 +54,5 @@ register(Technique(
     # Not training: the fine-tuning steps stream train batches into the calibration statistics
     # with the dense weights left unchanged (calibrate_only).
     finetune_fraction=0.1,
+    updates_weights=False,  # its fine-tuning steps only gather routing statistics
 ))
