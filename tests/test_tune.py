@@ -329,9 +329,12 @@ def join_all(workers: list[multiprocessing.Process], timeout: float = 300) -> No
 
 
 def check_shared_grid(out: Path) -> None:
+    """Every grid point completed exactly once; any other trial is one the race guard pruned
+    before measuring (two workers seeing the last free slot at once)."""
     trials = load(out, "optimization_results.json")["trials"]
     assert complete_points([t for t in trials if t["state"] == "COMPLETE"]) == sorted(GRID)
-    assert len(trials) == len(GRID), [(t["number"], t["state"]) for t in trials]
+    others = [(t["number"], t["state"]) for t in trials if t["state"] != "COMPLETE"]
+    assert all(state == "PRUNED" for _, state in others), others
 
 
 def test_two_worker_processes_on_one_sqlite_study_lose_no_trials(tmp_path, start_workers):
