@@ -36,7 +36,8 @@ def frame(comparisons: Iterable[Comparison], target: Target,
         row = c.as_dict()
         row["spread"] = f"{c.speed.q1:.2f}-{c.speed.q3:.2f}"
         row["counts"] = target.counts(c.quality_delta)
-        row["knobs"] = ", ".join(f"{k}={v}" for k, v in (knobs or {}).get(c.name, {}).items())
+        row["knobs"] = ", ".join(f"{k}={v}" for k, v in (knobs or {}).get(c.name, {}).items()
+                                 if v is not None)
         rows.append(row)
     return pd.DataFrame(rows)
 
