@@ -1,7 +1,6 @@
 """Properties of state-cached generation (bk.decode) against full recomputation, in float64."""
 
 from dataclasses import FrozenInstanceError
-from functools import cache
 
 import pytest
 import torch
@@ -9,22 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bk.decode import decode, generate, generate_recompute
-from bk.model import LanguageModel, ModelConfig, Work
-
-CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=16, n_experts=2, d_expert=16,
-                  bk_channels=2)
-EOS = 5
-
-
-@cache
-def tiny_model(seed: int, eos_boost: float = 0.0) -> LanguageModel:
-    """A float64 model; ``eos_boost`` raises the EOS logit so that sequences do end."""
-    torch.manual_seed(seed)
-    model = LanguageModel(CFG).double().eval()
-    with torch.no_grad():
-        model.head.bias[EOS] += eos_boost
-    return model
-
+from bk.model import LanguageModel, Work
+from tests.tiny import CFG, EOS, tiny_model
 
 seeds = st.integers(0, 4)
 

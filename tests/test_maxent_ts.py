@@ -1,7 +1,6 @@
 """Properties of MaxEnt-TS (bk.maxent_ts): tree bookkeeping, the soft backup, the state cache."""
 
 import math
-from functools import cache
 from unittest.mock import patch
 
 import pytest
@@ -18,20 +17,7 @@ from bk.maxent_ts import (
     maxent_ts,
     soft_value,
 )
-from bk.model import LanguageModel, ModelConfig
-
-CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=16, n_experts=2, d_expert=16,
-                  bk_channels=2)
-EOS = 5
-
-
-@cache
-def tiny_model(seed: int, eos_boost: float = 0.0) -> LanguageModel:
-    torch.manual_seed(seed)
-    model = LanguageModel(CFG).double().eval()
-    with torch.no_grad():
-        model.head.bias[EOS] += eos_boost
-    return model
+from tests.tiny import CFG, EOS, tiny_model
 
 
 def scorer(prompt_length: int) -> LogLikelihoodReward:
