@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from bench.measure import Comparison, Workload, compare
@@ -111,6 +112,7 @@ class Bench:
             if path.exists():
                 model, _ = load_model(path)
             else:
+                torch.manual_seed(self.setup.seed)  # initial weights: same seed, same model
                 model = LanguageModel(config)
                 train(model, self.corpus, train_config, checkpoint=path,
                       progress=self.setup.progress, desc="train dense",
@@ -130,6 +132,7 @@ class Bench:
         if path.exists():
             model, _ = load_model(path, build)
             return model
+        torch.manual_seed(self.setup.seed)  # the technique's new parameters
         model = build(dense.cfg)
         unexpected = model.load_state_dict(dense.state_dict(), strict=False).unexpected_keys
         if unexpected:

@@ -109,6 +109,9 @@ def train(model: nn.Module, corpus: Corpus, cfg: TrainConfig, *,
             optimizer.load_state_dict(saved.optimizer_state)
         start = saved.step
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
+    # Batches come from ``generator``; the global generator drives any sampling inside the
+    # model (Gumbel noise), so seeding it too makes a training run repeat exactly.
+    torch.manual_seed(cfg.seed * 1_000_003 + start)
     model.train()
     result = TrainResult(steps=start, seconds=0.0)
     began = time.perf_counter()

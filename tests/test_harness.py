@@ -182,3 +182,16 @@ def test_paired_timing_cycles_through_paired_batches_on_both_sides():
                      ("r", 0)]
     with pytest.raises(ValueError, match="as many"):
         paired_speedup(refs, cands[:2])
+
+
+def test_the_same_setup_trains_the_same_weights_in_separate_folders(tmp_path):
+    # The asv gate trains models per commit; unseeded initial weights once made an A/A
+    # comparison of ACT move by 14%.
+    from bench.pipeline import Bench, Setup
+
+    weights = []
+    for folder in ("a", "b"):
+        setup = Setup(corpus="synthetic", steps=5, output=tmp_path / folder, progress=False)
+        weights.append(Bench(setup).candidate("sparsity").state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
