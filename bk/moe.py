@@ -52,14 +52,23 @@ class MoEFeedForward(nn.Module):
         return Routing(expert=expert, gate=gate, probs=probs)
 
     def dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Run each expert only on the tokens routed to it and scatter the results back."""
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            rows = (routing.expert == e).nonzero().squeeze(1)
-            if rows.numel():
-                y = expert(x.index_select(0, rows)) * routing.gate.index_select(0, rows)[:, None]
-                out = out.index_add(0, rows, y)
-        return out
+        """Run each expert only on the tokens routed to it and put the results back in order.
+
+        Tokens are sorted by expert once, so each expert reads a contiguous slice (one sort and
+        one count instead of a mask and a gather per expert).
+        """
+        order = torch.argsort(routing.expert, stable=True)
+        counts = torch.bincount(routing.expert, minlength=self.n_experts).tolist()
+        sorted_x = x.index_select(0, order)
+        outputs, start = [], 0
+        for expert, count in zip(self.experts, counts, strict=True):
+            if count:
+                outputs.append(expert(sorted_x[start:start + count]))
+            start += count
+        if not outputs:
+            return torch.zeros_like(x)
+        y = torch.cat(outputs) * routing.gate.index_select(0, order)[:, None]
+        return torch.empty_like(y).index_copy(0, order, y)
 
     def balance_loss(self, routing: Routing) -> torch.Tensor:
         if routing.expert.numel() == 0:
