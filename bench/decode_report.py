@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward-checkpoint", type=Path, default=None,
                         help="the second model whose log-likelihood is the search reward; "
                              "default: an independently initialised model of the same config")
-    parser.add_argument("--out", type=Path, default=Path("results/decode"),
+    parser.add_argument("--out", type=Path, default=Path("runs/decode"),
                         help="directory for decode.json and the CSV tables")
     parser.add_argument("--tokens", type=_ints, default=[512],
                         help="generated tokens per sequence for the generation figure")

@@ -158,16 +158,6 @@ class Workload:
     def tokens(self) -> int:
         return sum(b.numel() for b in self.batches)
 
-    @torch.no_grad()
-    def mean_stats(self, model: nn.Module) -> dict[str, float]:
-        """Every per-token statistic the model reports, averaged over the workload's tokens."""
-        model.eval()
-        sums: dict[str, float] = {}
-        for x in self.batches:
-            for name, value in model(x).stats.items():
-                sums[name] = sums.get(name, 0.0) + float(value.double().sum())
-        return {f"mean_{name}": total / self.tokens for name, total in sums.items()}
-
     def calls(self, model: nn.Module) -> list[Callable[[], object]]:
         """One no-grad forward pass per batch, for per-batch interleaved timing."""
         model.eval()
@@ -183,18 +173,18 @@ class Workload:
         return paired_speedup(self.calls(reference), self.calls(candidate),
                               rounds=passes * len(self.batches), threads=threads)
 
-    def runner(self, model: nn.Module) -> Callable[[], Work]:
-        """A no-grad forward pass of ``model`` over every batch; returns the work executed."""
+    @torch.no_grad()
+    def account(self, model: nn.Module) -> tuple[Work, dict[str, float]]:
+        """One no-grad pass of ``model`` over every batch: the work it executed, and every
+        per-token statistic it reports averaged over the workload's tokens (``mean_<name>``)."""
         model.eval()
-
-        @torch.no_grad()
-        def run() -> Work:
-            work = Work()
-            for x in self.batches:
-                work = work + model(x).work
-            return work
-
-        return run
+        work, sums = Work(), {}
+        for x in self.batches:
+            out = model(x)
+            work = work + out.work
+            for name, value in out.stats.items():
+                sums[name] = sums.get(name, 0.0) + float(value.double().sum())
+        return work, {f"mean_{name}": total / self.tokens for name, total in sums.items()}
 
 
 @dataclass
@@ -261,7 +251,7 @@ class Comparison:
 
 
 def compare(name: str, reference: nn.Module, candidate: nn.Module, workload: Workload, *,
-            corpus: Corpus | None = None, rounds: int = 7, flop_batches: int = 2,
+            corpus: Corpus | None = None, rounds: int = 3, flop_batches: int = 2,
             quality_batches: int | None = None, threads: int = 1) -> Comparison:
     """Measure ``candidate`` against ``reference``: paired wall time, FLOPs, work, quality.
 
@@ -269,13 +259,14 @@ def compare(name: str, reference: nn.Module, candidate: nn.Module, workload: Wor
     FLOPs are counted on the first ``flop_batches`` batches (the counter is slow); work over the
     whole workload; quality on the test split of ``corpus`` when given.
     """
-    run_ref, run_cand = workload.runner(reference), workload.runner(candidate)
     speed = workload.paired(reference, candidate, passes=rounds, threads=threads)
     sample = Workload(workload.name, workload.batches[:flop_batches])
-    flops_ref = count_flops(sample.runner(reference))
-    flops_cand = count_flops(sample.runner(candidate))
-    comparison = Comparison(name, speed, flops_ref, flops_cand, run_ref(), run_cand(),
-                            extra=workload.mean_stats(candidate))
+    flops_ref = count_flops(lambda: sample.account(reference))
+    flops_cand = count_flops(lambda: sample.account(candidate))
+    work_ref, _ = workload.account(reference)
+    work_cand, stats = workload.account(candidate)
+    comparison = Comparison(name, speed, flops_ref, flops_cand, work_ref, work_cand,
+                            extra=stats)
     if corpus is not None:
         comparison.quality_reference = evaluate(reference, corpus, "test",
                                                 max_batches=quality_batches)

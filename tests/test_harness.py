@@ -61,7 +61,9 @@ def test_workload_covers_the_test_split_in_full_batches():
     w = Workload.from_corpus(corpus, batch_size=4, seq_len=32, max_batches=3)
     assert len(w.batches) == 3 and w.tokens == 3 * 4 * 32
     model = LanguageModel(ModelConfig(vocab_size=len(corpus.vocab), n_seq=32))
-    assert w.runner(model)().token_layers == w.tokens * model.cfg.n_layers
+    work, stats = w.account(model)
+    assert work.token_layers == w.tokens * model.cfg.n_layers
+    assert stats == {"mean_layers_per_token": float(model.cfg.n_layers)}
 
 
 def test_a_record_is_written_once_and_never_rewritten(tmp_path):
