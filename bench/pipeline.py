@@ -26,7 +26,7 @@ from bench.measure import Comparison, Workload, compare
 from bench.registry import REFERENCE, Technique, get
 from bk.data import Corpus, load_corpus
 from bk.model import LanguageModel, ModelConfig
-from bk.train import TrainConfig, load_model, train
+from bk.train import Evaluation, TrainConfig, evaluate, load_model, train
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,8 @@ class Bench:
         self.corpus = load_corpus(setup.corpus)
         self._workload: Workload | None = None
         self._dense: LanguageModel | None = None
+        self._loaded: dict[Path, nn.Module] = {}  # fine-tuned models, loaded once per Bench
+        self._quality: dict[int, Evaluation] = {}  # by id() of a model this Bench holds
 
     @property
     def checkpoints(self) -> Path:
@@ -129,9 +131,18 @@ class Bench:
         key = _key(self.setup.corpus, asdict(dense.cfg), asdict(self.setup.train_config()),
                    name, knobs, asdict(train_config))
         path = self.checkpoints / f"{name}-{key}.pt"
+        if path not in self._loaded:
+            self._loaded[path] = self._train_or_load(path, build, steps, train_config, name,
+                                                     knobs, schedule)
+        return self._loaded[path]
+
+    def _train_or_load(self, path: Path, build: Callable[[ModelConfig], nn.Module], steps: int,
+                       train_config: TrainConfig, name: str, knobs: dict[str, Any],
+                       schedule: Callable[[nn.Module, float], None] | None) -> nn.Module:
         if path.exists():
             model, _ = load_model(path, build)
             return model
+        dense = self.dense()
         torch.manual_seed(self.setup.seed)  # the technique's new parameters
         model = build(dense.cfg)
         unexpected = model.load_state_dict(dense.state_dict(), strict=False).unexpected_keys
@@ -176,7 +187,17 @@ class Bench:
     def measure(self, technique: Technique | str,
                 knobs: Mapping[str, Any] | None = None) -> Comparison:
         technique = get(technique) if isinstance(technique, str) else technique
-        candidate = self.candidate(technique, knobs)
-        return compare(technique.name, self.reference(technique), candidate, self.workload,
-                       corpus=self.corpus, rounds=self.setup.rounds,
-                       quality_batches=self.setup.quality_batches)
+        candidate, reference = self.candidate(technique, knobs), self.reference(technique)
+        comparison = compare(technique.name, reference, candidate, self.workload,
+                             rounds=self.setup.rounds)
+        comparison.quality_reference = self.quality(reference)
+        comparison.quality_candidate = self.quality(candidate)
+        return comparison
+
+    def quality(self, model: nn.Module) -> Evaluation:
+        """Test-split quality of a model this Bench holds, evaluated once (the dense control is
+        the reference of most techniques)."""
+        if id(model) not in self._quality:
+            self._quality[id(model)] = evaluate(model, self.corpus, "test",
+                                                max_batches=self.setup.quality_batches)
+        return self._quality[id(model)]
