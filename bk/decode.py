@@ -3,6 +3,8 @@
 The causal BK-Core makes the logits at position i a function of tokens 0..i only, and each layer's
 recurrence carries a single complex number per channel from one position to the next
 (``LanguageModel.init_state``/``step``). Cached generation therefore costs O(1) per new token;
+for a plain ``LanguageModel`` the step runs as one compiled call (``bk.step_kernel``), otherwise
+as ``model.step``;
 ``generate_recompute`` runs the full forward pass over the whole growing prefix for every new
 token and is the reference for both equality and speed (the causal model accepts a prefix of any
 length, also beyond ``cfg.n_seq``).
@@ -15,12 +17,16 @@ sequence has stopped or ``max_new_tokens`` tokens were generated.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from bk.model import DecodeState, LanguageModel, Work
+from bk.step_kernel import StepKernel
+
+Step = Callable[[torch.Tensor, DecodeState], tuple[torch.Tensor, DecodeState]]
 
 
 @dataclass(frozen=True)
@@ -66,20 +72,31 @@ def step_work(rows: int, layers: int) -> Work:
     return Work(token_layers=n, expert_calls=n, positions=n)
 
 
-class CachedCursor:
-    """Next-token logits of a batch of prefixes, advanced one token at a time with ``step``."""
+def step_function(model: LanguageModel, kernel: bool = True) -> Step:
+    """What cached decoding calls per token: a ``StepKernel`` built now (a snapshot of the
+    weights) if ``kernel`` and the model is a plain ``LanguageModel``, else ``model.step``."""
+    return StepKernel.of(model) if kernel and StepKernel.supports(model) else model.step
 
-    def __init__(self, model: LanguageModel, logits: torch.Tensor, state: DecodeState) -> None:
+
+class CachedCursor:
+    """Next-token logits of a batch of prefixes, advanced one token at a time with ``step``
+    (``model.step`` or a ``StepKernel`` of the model)."""
+
+    def __init__(self, model: LanguageModel, logits: torch.Tensor, state: DecodeState,
+                 step: Step | None = None) -> None:
         self.model, self.logits, self.state = model, logits, state
+        self.step = model.step if step is None else step
         self.work = Work()
 
     @classmethod
-    def start(cls, model: LanguageModel, prompt: torch.Tensor) -> CachedCursor:
+    def start(cls, model: LanguageModel, prompt: torch.Tensor, step: Step | None = None
+              ) -> CachedCursor:
         """Feed ``prompt`` ``(B, P)`` one position at a time."""
+        step = model.step if step is None else step
         state = model.init_state(prompt.shape[0])
         for i in range(prompt.shape[1]):
-            logits, state = model.step(prompt[:, i], state)
-        cursor = cls(model, logits, state)
+            logits, state = step(prompt[:, i], state)
+        cursor = cls(model, logits, state, step)
         cursor.work = step_work(prompt.numel(), len(state.g))
         return cursor
 
@@ -90,7 +107,7 @@ class CachedCursor:
         self.logits = self.logits.index_select(0, rows)
 
     def advance(self, tokens: torch.Tensor) -> None:
-        self.logits, self.state = self.model.step(tokens, self.state)
+        self.logits, self.state = self.step(tokens, self.state)
         self.work = self.work + step_work(tokens.shape[0], len(self.state.g))
 
 
@@ -157,20 +174,25 @@ def continue_from(cursor: Cursor, prefix: torch.Tensor, max_new_tokens: int,
     out = torch.full((b, p + max_new_tokens), 0 if eos_id is None else eos_id,
                      dtype=torch.int64)
     out[:, :p] = prefix
-    lengths = torch.zeros(b, dtype=torch.int64)
+    # A row still going at the last step generated max_new_tokens; one that stops at step t
+    # generated t + 1. ``rows`` indexes the going rows in ``out``: all of them until one stops.
+    lengths = torch.full((b,), max_new_tokens, dtype=torch.int64)
     active = torch.arange(b)
+    rows: slice | torch.Tensor = slice(None)
     for t in range(max_new_tokens):
         tokens = sampling.choose(cursor.logits)
-        out[active, p + t] = tokens
-        lengths[active] += 1
+        out[rows, p + t] = tokens
         if t == max_new_tokens - 1:
             break
         if eos_id is not None:
-            going = (tokens != eos_id).nonzero().squeeze(1)
-            if going.numel() == 0:
-                break
-            if going.numel() < active.numel():
+            stopped = tokens == eos_id
+            if bool(stopped.any()):
+                lengths[active[stopped]] = t + 1
+                going = (~stopped).nonzero().squeeze(1)
+                if going.numel() == 0:
+                    break
                 active, tokens = active[going], tokens[going]
+                rows = active
                 cursor.keep(going)
         cursor.advance(tokens)
     return Generation(out[:, :p + int(lengths.max())], lengths, cursor.work)
@@ -179,8 +201,11 @@ def continue_from(cursor: Cursor, prefix: torch.Tensor, max_new_tokens: int,
 @torch.no_grad()
 def decode(model: LanguageModel, prompt: torch.Tensor, max_new_tokens: int, *,
            temperature: float = 1.0, top_k: int | None = None, eos_id: int | None = None,
-           generator: torch.Generator | None = None, use_cache: bool = True) -> Generation:
-    """Generate after ``prompt`` ``(B, P)``; see ``generate`` for the arguments."""
+           generator: torch.Generator | None = None, use_cache: bool = True,
+           kernel: bool = True) -> Generation:
+    """Generate after ``prompt`` ``(B, P)``; see ``generate`` for the arguments. ``use_cache``
+    False recomputes every prefix; ``kernel`` False steps with ``model.step`` instead of a
+    ``StepKernel`` (the same function, one torch operation at a time)."""
     check_model(model)
     model.check_tokens(prompt)
     check_count("max_new_tokens", max_new_tokens, 0)
@@ -190,7 +215,10 @@ def decode(model: LanguageModel, prompt: torch.Tensor, max_new_tokens: int, *,
     sampling.check(vocab)
     if max_new_tokens == 0:
         return Generation(prompt.clone(), torch.zeros(prompt.shape[0], dtype=torch.int64), Work())
-    cursor = CachedCursor.start(model, prompt) if use_cache else RecomputeCursor(model, prompt)
+    if use_cache:
+        cursor = CachedCursor.start(model, prompt, step_function(model, kernel))
+    else:
+        cursor = RecomputeCursor(model, prompt)
     return continue_from(cursor, prompt, max_new_tokens, sampling, eos_id)
 
 

@@ -44,6 +44,7 @@ from bk.decode import (
     check_eos,
     check_model,
     continue_from,
+    step_function,
     step_work,
 )
 from bk.model import DecodeState, LanguageModel, Work
@@ -66,6 +67,7 @@ class SearchConfig:
     temperature: float = 1.0  # rollout sampling temperature; 0 = greedy rollouts
     seed: int = 0  # seeds Boltzmann selection and rollout sampling
     use_cache: bool = True  # per-node DecodeState cache; False recomputes every prefix
+    kernel: bool = True  # cached steps by bk.step_kernel (plain LanguageModel) or model.step
 
     def __post_init__(self) -> None:
         check_count("rollouts", self.rollouts, 1)
@@ -196,8 +198,9 @@ class MaxEntTS:
         self.rollouts: list[Rollout] = []
         self.root = Node(token=None, prior=1.0, depth=0, terminal=False)
         if cfg.use_cache:
+            self.step = step_function(model, cfg.kernel)
             with torch.no_grad():
-                cursor = CachedCursor.start(model, prompt[None])
+                cursor = CachedCursor.start(model, prompt[None], self.step)
             self.root.logits, self.root.state = cursor.logits, cursor.state
             self.work = self.work + cursor.work
 
@@ -210,7 +213,7 @@ class MaxEntTS:
         """Compute and keep the node's state and logits by one step from its parent's state."""
         if node.state is None:
             token = torch.tensor([node.token], dtype=torch.int64)
-            node.logits, node.state = self.model.step(token, node.parent.state)
+            node.logits, node.state = self.step(token, node.parent.state)
             self.work = self.work + step_work(1, len(node.state.g))
 
     def next_logits(self, node: Node) -> torch.Tensor:
@@ -267,7 +270,7 @@ class MaxEntTS:
             remaining = self.config.max_new_tokens - node.depth
             if self.config.use_cache:
                 self.cache(node)
-                cursor = CachedCursor(self.model, node.logits, node.state)
+                cursor = CachedCursor(self.model, node.logits, node.state, self.step)
             else:
                 cursor = RecomputeCursor(self.model, self.prefix(node))
             tokens = continue_from(cursor, self.prefix(node), remaining, self.sampling,
