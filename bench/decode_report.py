@@ -3,7 +3,8 @@
 Three figures, each a paired in-process ratio on one thread (bench.measure.paired_speedup):
 
 * generation: tokens/s of ``generate`` (state cache) against ``generate_recompute`` (a full
-  forward over the whole growing prefix per token) at the same tokens;
+  forward over the whole growing prefix per token) at the same tokens, once with the compiled
+  step (``bk.step_kernel``) and once with ``LanguageModel.step``;
 * same work, faster: MaxEnt-TS with its per-node state cache against ``use_cache=False`` at equal
   rollouts and tokens (both find the same sequences);
 * less work: the cached search with fewer rollouts or tokens against the largest setting, with
@@ -87,24 +88,30 @@ def _models(args: argparse.Namespace) -> tuple[LanguageModel, LanguageModel]:
 
 
 def generation_rows(model: LanguageModel, args: argparse.Namespace) -> list[dict[str, object]]:
+    """Cached generation, stepped by the compiled kernel and by ``model.step``, each paired
+    with recomputation (the kernel and the torch step do the same work; only the speed of one
+    step differs)."""
     rows = []
     for batch in args.batch:
         for tokens in args.tokens:
             g = torch.Generator().manual_seed(args.seed)
             prompt = torch.randint(model.cfg.vocab_size, (batch, args.prompt_length), generator=g)
-            cached = partial(decode, model, prompt, tokens, temperature=0)
             recompute = partial(decode, model, prompt, tokens, temperature=0, use_cache=False)
-            speed = paired_speedup(recompute, cached, rounds=args.rounds)
-            work_cached, work_recompute = cached().work, recompute().work
-            rows.append({
-                "batch": batch, "prompt_length": args.prompt_length, "new_tokens": tokens,
-                "cached_tokens_per_s": batch * tokens / speed.t_candidate,
-                "recompute_tokens_per_s": batch * tokens / speed.t_reference,
-                "speedup": speed.speedup, "speedup_q1": speed.q1, "speedup_q3": speed.q3,
-                "cached_positions": work_cached.positions,
-                "recompute_positions": work_recompute.positions,
-                "noise_warning": speed.warning,
-            })
+            work_recompute = recompute().work
+            for step in ("kernel", "torch"):
+                cached = partial(decode, model, prompt, tokens, temperature=0,
+                                 kernel=step == "kernel")
+                speed = paired_speedup(recompute, cached, rounds=args.rounds)
+                rows.append({
+                    "batch": batch, "prompt_length": args.prompt_length, "new_tokens": tokens,
+                    "step": step,
+                    "cached_tokens_per_s": batch * tokens / speed.t_candidate,
+                    "recompute_tokens_per_s": batch * tokens / speed.t_reference,
+                    "speedup": speed.speedup, "speedup_q1": speed.q1, "speedup_q3": speed.q3,
+                    "cached_positions": cached().work.positions,
+                    "recompute_positions": work_recompute.positions,
+                    "noise_warning": speed.warning,
+                })
     return rows
 
 

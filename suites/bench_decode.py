@@ -1,4 +1,5 @@
-"""asv benchmarks for decoding: state-cached vs recomputed generation, and MaxEnt-TS with and
+"""asv benchmarks for decoding: state-cached generation (stepped by the compiled
+``bk.step_kernel`` or by ``LanguageModel.step``) vs recomputed generation, and MaxEnt-TS with and
 without its per-node state cache. The ``track_`` ratios time both sides alternately in one
 process (cached over reference time; lower is better), the only comparison that holds still
 on these machines (shared/MEASUREMENT-FACTS.md)."""
@@ -29,9 +30,11 @@ def _prompt(*shape: int) -> torch.Tensor:
     return torch.randint(ModelConfig().vocab_size, shape, generator=generator)
 
 
-def _generate(new_tokens: int, use_cache: bool):
+def _generate(new_tokens: int, how: str):
+    """``how``: "kernel" or "step" (cached) or "recompute"."""
     model, prompt = _model(0), _prompt(1, PROMPT_LENGTH)
-    return lambda: decode(model, prompt, new_tokens, temperature=0, use_cache=use_cache)
+    return lambda: decode(model, prompt, new_tokens, temperature=0,
+                          use_cache=how != "recompute", kernel=how == "kernel")
 
 
 def _search(rollouts: int, use_cache: bool):
@@ -42,14 +45,14 @@ def _search(rollouts: int, use_cache: bool):
 
 
 class Generation:
-    params = ([32, 128], [True, False])
-    param_names = ["new_tokens", "use_cache"]
+    params = ([32, 128], ["kernel", "step", "recompute"])
+    param_names = ["new_tokens", "how"]
     timeout = 300
 
-    def setup(self, new_tokens, use_cache):
-        self.run = _generate(new_tokens, use_cache)
+    def setup(self, new_tokens, how):
+        self.run = _generate(new_tokens, how)
 
-    def time_generate(self, new_tokens, use_cache):
+    def time_generate(self, new_tokens, how):
         self.run()
 
 
@@ -59,11 +62,17 @@ class GenerationRatio:
     timeout = 600
 
     def track_cached_over_recompute_time(self, new_tokens):
-        speed = paired_speedup(_generate(new_tokens, False), _generate(new_tokens, True),
+        speed = paired_speedup(_generate(new_tokens, "recompute"), _generate(new_tokens, "kernel"),
+                               rounds=5)
+        return 1 / speed.speedup
+
+    def track_torch_step_over_recompute_time(self, new_tokens):
+        speed = paired_speedup(_generate(new_tokens, "recompute"), _generate(new_tokens, "step"),
                                rounds=5)
         return 1 / speed.speedup
 
     track_cached_over_recompute_time.unit = "ratio"
+    track_torch_step_over_recompute_time.unit = "ratio"
 
 
 class TreeSearch:
