@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from bk.adaptive.early_exit import EarlyExitLanguageModel
 from bk.decode import decode
+from bk.maxent_ts import LogLikelihoodReward, SearchConfig, maxent_ts
 from bk.model import LanguageModel, ModelConfig
 from bk.step_kernel import StepKernel
 from tests.tiny import CFG, tiny_model
@@ -103,6 +104,18 @@ def test_generation_with_and_without_the_kernel_is_the_same(seed, seed_tokens, n
                        generator=torch.Generator().manual_seed(seed_tokens)).tokens
                 for kernel in (True, False)]
         assert torch.equal(*runs)
+
+
+@given(st.integers(0, 4), st.integers(0, 99))
+def test_tree_search_with_and_without_the_kernel_finds_the_same_sequences(seed, seed_tokens):
+    model = tiny_model(seed)
+    prompt = tokens_for(model, 1, 3, seed_tokens)[0]
+    reward = LogLikelihoodReward(tiny_model(seed + 1), prompt_length=3)
+    runs = [maxent_ts(model, prompt, reward, SearchConfig(rollouts=4, max_new_tokens=5, top_k=3,
+                                                          seed=seed_tokens, kernel=kernel))
+            for kernel in (True, False)]
+    assert [r.tokens.tolist() for r in runs[0].rollouts] == [
+        r.tokens.tolist() for r in runs[1].rollouts]
 
 
 def test_the_kernel_uses_the_weights_as_they_were_when_it_was_built():
