@@ -90,26 +90,29 @@ def _models(args: argparse.Namespace) -> tuple[LanguageModel, LanguageModel]:
 def generation_rows(model: LanguageModel, args: argparse.Namespace) -> list[dict[str, object]]:
     """Cached generation, stepped by the compiled kernel and by ``model.step``, each paired
     with recomputation (the kernel and the torch step do the same work; only the speed of one
-    step differs)."""
+    step differs). The quality check is exact: ``same_tokens`` says whether the cached run
+    generated the very tokens recomputation did."""
     rows = []
     for batch in args.batch:
         for tokens in args.tokens:
             g = torch.Generator().manual_seed(args.seed)
             prompt = torch.randint(model.cfg.vocab_size, (batch, args.prompt_length), generator=g)
             recompute = partial(decode, model, prompt, tokens, temperature=0, use_cache=False)
-            work_recompute = recompute().work
+            reference = recompute()
             for step in ("kernel", "torch"):
                 cached = partial(decode, model, prompt, tokens, temperature=0,
                                  kernel=step == "kernel")
                 speed = paired_speedup(recompute, cached, rounds=args.rounds)
+                generated = cached()
                 rows.append({
                     "batch": batch, "prompt_length": args.prompt_length, "new_tokens": tokens,
                     "step": step,
                     "cached_tokens_per_s": batch * tokens / speed.t_candidate,
                     "recompute_tokens_per_s": batch * tokens / speed.t_reference,
                     "speedup": speed.speedup, "speedup_q1": speed.q1, "speedup_q3": speed.q3,
-                    "cached_positions": cached().work.positions,
-                    "recompute_positions": work_recompute.positions,
+                    "cached_positions": generated.work.positions,
+                    "recompute_positions": reference.work.positions,
+                    "same_tokens": torch.equal(generated.tokens, reference.tokens),
                     "noise_warning": speed.warning,
                 })
     return rows

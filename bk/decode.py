@@ -83,16 +83,13 @@ class CachedCursor:
     (``model.step`` or a ``StepKernel`` of the model)."""
 
     def __init__(self, model: LanguageModel, logits: torch.Tensor, state: DecodeState,
-                 step: Step | None = None) -> None:
-        self.model, self.logits, self.state = model, logits, state
-        self.step = model.step if step is None else step
+                 step: Step) -> None:
+        self.model, self.logits, self.state, self.step = model, logits, state, step
         self.work = Work()
 
     @classmethod
-    def start(cls, model: LanguageModel, prompt: torch.Tensor, step: Step | None = None
-              ) -> CachedCursor:
+    def start(cls, model: LanguageModel, prompt: torch.Tensor, step: Step) -> CachedCursor:
         """Feed ``prompt`` ``(B, P)`` one position at a time."""
-        step = model.step if step is None else step
         state = model.init_state(prompt.shape[0])
         for i in range(prompt.shape[1]):
             logits, state = step(prompt[:, i], state)

@@ -26,8 +26,6 @@ from numba import njit
 from bk.model import H0_COUPLING, H0_DIAGONAL, DecodeState, LanguageModel
 
 _SQRT_HALF = math.sqrt(0.5)
-_REAL = {np.float32: torch.float32, np.float64: torch.float64}
-_COMPLEX = {np.float32: torch.complex64, np.float64: torch.complex128}
 
 
 @njit(cache=True, fastmath=False, error_model="numpy", nogil=True)
@@ -147,6 +145,8 @@ class StepKernel:
 
     weights: _Weights
     eps: float
+    dtype: torch.dtype  # of the weights and the logits
+    complex_dtype: torch.dtype  # of the state, as LanguageModel.step makes it
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -158,9 +158,11 @@ class StepKernel:
         if not cls.supports(model):
             raise TypeError(f"StepKernel computes LanguageModel.step; got "
                             f"{type(model).__name__}, whose step may differ")
-        dtype = model.head.weight.dtype
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"StepKernel needs float32 or float64 weights, got {dtype}")
+        dtypes = {p.dtype for p in model.parameters()}
+        dtype = dtypes.pop()
+        if dtypes or dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"StepKernel needs all weights in float32 or all in float64, got "
+                            f"{sorted(map(str, dtypes | {dtype}))}")
         blocks = list(model.blocks)
         experts = [list(b.moe.experts) for b in blocks]
         norms = {b.norm.eps for b in blocks} | {model.norm.eps}
@@ -187,7 +189,7 @@ class StepKernel:
                 _array(model.head.weight.mT),
                 _array(model.head.bias),
             )
-        return cls(weights, norms.pop())
+        return cls(weights, norms.pop(), dtype, torch.from_numpy(weights.z).dtype)
 
     def __call__(self, tokens: torch.Tensor, state: DecodeState
                  ) -> tuple[torch.Tensor, DecodeState]:
@@ -202,17 +204,17 @@ class StepKernel:
             raise ValueError(f"the state has {len(state.g)} layers, the model {layers}")
         batch = tokens.shape[0]
         started = state.g[0] is not None
-        complex_dtype = _COMPLEX[w.embed.dtype.type]
         if started:
+            for g in state.g:
+                if g is None or g.shape != (batch, channels) or g.dtype != self.complex_dtype:
+                    raise ValueError(f"the state holds {None if g is None else g.shape} "
+                                     f"{None if g is None else g.dtype} in a layer, expected "
+                                     f"{(batch, channels)} {self.complex_dtype}")
             g_prev = torch.stack(state.g).detach()
-            if g_prev.shape != (layers, batch, channels) or g_prev.dtype != complex_dtype:
-                raise ValueError(f"the state holds {tuple(g_prev.shape[1:])} {g_prev.dtype} "
-                                 f"values per layer, expected {(batch, channels)} "
-                                 f"{complex_dtype}")
         else:
-            g_prev = torch.empty((0, 0, 0), dtype=complex_dtype)
-        logits = torch.empty((batch, vocab), dtype=_REAL[w.embed.dtype.type])
-        g_new = torch.empty((layers, batch, channels), dtype=complex_dtype)
+            g_prev = torch.empty((0, 0, 0), dtype=self.complex_dtype)
+        logits = torch.empty((batch, vocab), dtype=self.dtype)
+        g_new = torch.empty((layers, batch, channels), dtype=self.complex_dtype)
         bad = _step(tokens.contiguous().numpy(), g_prev.numpy(), started, *w, self.eps,
                     logits.numpy(), g_new.numpy())
         if bad >= 0:

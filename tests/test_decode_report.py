@@ -19,6 +19,7 @@ def test_the_decode_report_writes_every_figure_with_both_steps(tmp_path, capsys)
         layers, fed = report["model"]["n_layers"], 16 + 6 - 1
         assert row["cached_positions"] == row["batch"] * fed * layers
         assert row["recompute_positions"] > row["cached_positions"]
+        assert row["same_tokens"] is True
         assert row["speedup"] > 0 and row["speedup_q1"] <= row["speedup"] <= row["speedup_q3"]
     assert [r["same_result"] for r in report["search_same_work"]] == [True, True]
     assert len(report["search_less_work"]) == 1

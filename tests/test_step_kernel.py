@@ -146,6 +146,8 @@ def test_bad_tokens_and_states_are_refused_with_what_was_expected():
     _, state = kernel(torch.tensor([1, 2]), state)
     with pytest.raises(ValueError, match=r"expected \(3, 2\)"):
         kernel(torch.tensor([1, 2, 3]), state)
+    with pytest.raises(ValueError, match=r"expected \(2, 2\) torch.complex128"):
+        kernel(torch.tensor([1, 2]), type(state)(tuple(g.to(torch.complex64) for g in state.g)))
     with pytest.raises(ValueError, match="the state has 2 layers, the model 3"):
         kernel(torch.tensor([1, 2]), type(state)(state.g[:2], state.position))
 
@@ -156,5 +158,9 @@ def test_only_a_plain_language_model_gets_a_kernel():
     assert not StepKernel.supports(model)
     with pytest.raises(TypeError, match="EarlyExitLanguageModel"):
         StepKernel.of(model)
-    with pytest.raises(TypeError, match="float32 or float64"):
+    with pytest.raises(TypeError, match=r"float32 or all in float64, got \[.torch.bfloat16.\]"):
         StepKernel.of(LanguageModel(CFG).to(torch.bfloat16))
+    mixed = LanguageModel(CFG)
+    mixed.head.double()
+    with pytest.raises(TypeError, match=r"\['torch.float32', 'torch.float64'\]"):
+        StepKernel.of(mixed)
