@@ -16,14 +16,14 @@ Writes ``decode.json`` and one CSV per figure to ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
+import pandas as pd
 import torch
 
+from bench.files import dump_json, write_atomic
 from bench.measure import paired_speedup, torch_threads
 from bk.decode import decode
 from bk.maxent_ts import LogLikelihoodReward, MaxEntTS, SearchConfig
@@ -171,27 +171,18 @@ def search_rows(model: LanguageModel, scorer: LanguageModel, args: argparse.Name
 
 
 def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
-    if not rows:
-        return
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    if rows:
+        write_atomic(path, pd.DataFrame(rows).to_csv(index=False))
 
 
 def _print_table(title: str, rows: list[dict[str, object]]) -> None:
     print(f"\n{title}")
     if not rows:
         return
-    keys = [k for k in rows[0] if k != "noise_warning"]
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in rows:
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (row[k] for k in keys)]
-        print("| " + " | ".join(cells) + " |")
-    for row in rows:
-        if row.get("noise_warning"):
-            print(f"warning: {row['noise_warning']}")
+    frame = pd.DataFrame(rows)
+    print(frame.drop(columns="noise_warning").to_string(index=False, float_format="{:.4g}".format))
+    for warning in frame["noise_warning"].dropna():
+        print(f"warning: {warning}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -209,8 +200,7 @@ def run(args: argparse.Namespace) -> None:
         "command_args": {k: str(v) for k, v in vars(args).items() if k != "func"},
         "generation": generation, "search_same_work": same, "search_less_work": less,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode.json").write_text(json.dumps(report, indent=2, default=str))
+    write_atomic(args.out / "decode.json", dump_json(report))
     _write_csv(args.out / "generation.csv", generation)
     _write_csv(args.out / "search_same_work.csv", same)
     _write_csv(args.out / "search_less_work.csv", less)

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from bench.files import write_atomic
 from bk.adaptive.routing_cache import (
     PRESETS,
     TIER_NAMES,
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nshare of (token, layer) decisions per tier, preset {args.preset!r}")
         print(tables["tiers"].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.csv is not None:
-        tokens.to_csv(args.csv, index=False)
+        write_atomic(args.csv, tokens.to_csv(index=False))
         print(f"written: {args.csv}")
     return 0
 
