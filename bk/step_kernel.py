@@ -207,8 +207,8 @@ class StepKernel:
         if started:
             for g in state.g:
                 if g is None or g.shape != (batch, channels) or g.dtype != self.complex_dtype:
-                    raise ValueError(f"the state holds {None if g is None else g.shape} "
-                                     f"{None if g is None else g.dtype} in a layer, expected "
+                    held = "nothing" if g is None else f"{tuple(g.shape)} {g.dtype}"
+                    raise ValueError(f"the state holds {held} in a layer, expected "
                                      f"{(batch, channels)} {self.complex_dtype}")
             g_prev = torch.stack(state.g).detach()
         else:

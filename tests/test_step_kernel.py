@@ -148,6 +148,8 @@ def test_bad_tokens_and_states_are_refused_with_what_was_expected():
         kernel(torch.tensor([1, 2, 3]), state)
     with pytest.raises(ValueError, match=r"expected \(2, 2\) torch.complex128"):
         kernel(torch.tensor([1, 2]), type(state)(tuple(g.to(torch.complex64) for g in state.g)))
+    with pytest.raises(ValueError, match=r"holds nothing in a layer"):
+        kernel(torch.tensor([1, 2]), type(state)((state.g[0], None, state.g[2])))
     with pytest.raises(ValueError, match="the state has 2 layers, the model 3"):
         kernel(torch.tensor([1, 2]), type(state)(state.g[:2], state.position))
 
