@@ -16,7 +16,9 @@ the prefix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,12 +51,28 @@ class ModelConfig:
         if self.balance_weight < 0:
             raise ValueError(f"ModelConfig.balance_weight must be >= 0, got {self.balance_weight}")
 
+    @classmethod
+    def at_scale(cls, scale: str, **overrides: Any) -> ModelConfig:
+        """The named preset (``SCALES``) with ``overrides`` (vocabulary size, sequence length)."""
+        if scale not in SCALES:
+            raise ValueError(f"unknown scale {scale!r}; expected one of {', '.join(SCALES)}")
+        return replace(SCALES[scale], **overrides)
+
+
+# Model sizes the harness measures at (docs/scales.md says how they were chosen). ``tiny`` is the
+# size CI and --quick train; at ``small`` and ``base`` per-op fixed costs no longer dominate.
+SCALES: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(),
+    "small": ModelConfig(d_model=256, n_layers=8, d_expert=512, bk_channels=8),
+    "base": ModelConfig(d_model=512, n_layers=8, d_expert=1024, bk_channels=8),
+}
+
 
 @dataclass
 class Work:
     """Work a forward pass actually executed, counted where it runs.
 
-    token_layers: (token, layer) pairs whose per-token work (norm, experts, projections) ran.
+    token_layers: (token, layer) pairs whose per-token work (norm, router, projections) ran.
     expert_calls: tokens passed through an expert network (top-1: one per token-layer).
     positions: (position, layer) pairs visited by the BK recurrence.
     """
@@ -68,14 +86,28 @@ class Work:
                     self.expert_calls + other.expert_calls,
                     self.positions + other.positions)
 
+    def flops(self, cfg: ModelConfig) -> float:
+        """Floating-point operations of this work in the dense model's units: multiply-adds of
+        the per-token projections (router, potential, read-out) and the expert's two layers,
+        and about 10 real operations per channel for one step of the recurrence (eq. (1) of
+        bk/core.py: a complex multiply-add and a reciprocal). Decision overheads (predictors,
+        exit heads) are not work: they are what separates the ideal from the realised."""
+        d, c = cfg.d_model, cfg.bk_channels
+        per_token = 2 * d * (cfg.n_experts + c) + 2 * (2 * c) * d
+        per_expert = 2 * 2 * d * cfg.d_expert
+        per_position = 10 * c
+        return (self.token_layers * per_token + self.expert_calls * per_expert
+                + self.positions * per_position)
+
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, N, V)
-    loss: torch.Tensor | None  # training objective: cross-entropy plus auxiliary terms
+    loss: torch.Tensor | None  # training objective: ce + sum(aux.values())
     ce: torch.Tensor | None  # mean next-token cross-entropy, nats
     work: Work
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # per token, (B, N) each
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted auxiliary terms
 
 
 @dataclass(frozen=True)
@@ -161,15 +193,22 @@ class LanguageModel(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got "
                              f"[{int(idx.min())}, {int(idx.max())}]")
 
-    def finish(self, x: torch.Tensor, targets: torch.Tensor | None, aux: torch.Tensor,
-               work: Work, stats: dict[str, torch.Tensor] | None = None) -> ModelOutput:
-        """Final norm, head and loss; ``aux`` is added to the cross-entropy when training."""
-        logits = self.head(self.norm(x))
+    def finish(self, x: torch.Tensor, targets: torch.Tensor | None,
+               aux: Mapping[str, torch.Tensor], work: Work,
+               stats: dict[str, torch.Tensor] | None = None) -> ModelOutput:
+        """Final norm and head; with targets, the loss: cross-entropy plus every ``aux`` term."""
+        return self.output(self.head(self.norm(x)), targets, aux, work, stats)
+
+    @staticmethod
+    def output(logits: torch.Tensor, targets: torch.Tensor | None,
+               aux: Mapping[str, torch.Tensor], work: Work,
+               stats: dict[str, torch.Tensor] | None = None) -> ModelOutput:
+        """A ModelOutput for ``logits`` ``(B, N, V)``: ``loss = ce + sum(aux)`` with targets."""
         ce = loss = None
         if targets is not None:
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-            loss = ce + aux
-        return ModelOutput(logits, loss, ce, work, stats or {})
+            loss = ce + sum(aux.values(), ce.new_zeros(()))
+        return ModelOutput(logits, loss, ce, work, stats or {}, dict(aux))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         self.check_tokens(idx)
@@ -183,7 +222,7 @@ class LanguageModel(nn.Module):
         work = Work(token_layers=b * n * layers, expert_calls=b * n * layers,
                     positions=b * n * layers)
         stats = {"layers_per_token": x.new_full((b, n), float(layers))}
-        aux = self.cfg.balance_weight * balance / layers
+        aux = {"balance": self.cfg.balance_weight * balance / layers} if self.training else {}
         return self.finish(x, targets, aux, work, stats)
 
     def init_state(self, batch_size: int) -> DecodeState:

@@ -190,8 +190,8 @@ class ACTLanguageModel(LanguageModel):
         run = self.ponder(self.embed(idx).reshape(b * n, -1), recurrence)
         stats = {"layers_per_token": run.layers.view(b, n).to(run.output.dtype),
                  "ponder_cost": run.ponder_cost.view(b, n).detach()}
-        aux = (self.cfg.balance_weight * run.balance / run.depth
-               + self.ponder_weight * run.ponder_cost.mean())
+        aux = {"balance": self.cfg.balance_weight * run.balance / run.depth,
+               "ponder": self.ponder_weight * run.ponder_cost.mean()}
         return self.finish(run.output.view(b, n, -1), targets, aux, run.work, stats)
 
     def step(self, tokens: torch.Tensor, state: DecodeState

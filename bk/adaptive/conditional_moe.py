@@ -173,5 +173,6 @@ class ConditionalMoELanguageModel(LanguageModel):
                     positions=b * n * layers)
         stats = {"layers_per_token": x.new_full((b, n), float(layers)),
                  "experts_per_token": (k_total.to(x.dtype) / layers).view(b, n)}
-        aux = (self.cfg.balance_weight * balance + self.k_cost * cost) / layers
+        aux = {"balance": self.cfg.balance_weight * balance / layers,
+               "k_cost": self.k_cost * cost / layers}
         return self.finish(x, targets, aux, work, stats)

@@ -104,7 +104,8 @@ class MultiScaleLanguageModel(LanguageModel):
         layers = len(self.blocks)
         work = Work(token_layers=token_layers, expert_calls=token_layers, positions=positions)
         stats = {"layers_per_token": x.new_full((b, n), token_layers / (b * n))}
-        aux = (self.cfg.balance_weight * balance + self.block_penalty()) / layers
+        aux = {"balance": self.cfg.balance_weight * balance / layers,
+               "blocks": self.block_penalty() / layers}
         return self.finish(x, targets, aux, work, stats)
 
     def run_block(self, index: int, block: nn.Module, x: torch.Tensor

@@ -385,5 +385,5 @@ class CachedRoutingLanguageModel(LanguageModel):
         if tiers:
             for name, count in zip(TIER_NAMES, tier_counts, strict=True):
                 stats[f"tier_{name}"] = (count / layers).to(x.dtype).view(b, n)
-        aux = self.cfg.balance_weight * balance / layers
+        aux = {"balance": self.cfg.balance_weight * balance / layers}
         return self.finish(x, targets, aux, work, stats)

@@ -134,7 +134,8 @@ class SparseLanguageModel(LanguageModel):
         work = Work(token_layers=token_layers, expert_calls=token_layers,
                     positions=b * n * layers)
         stats = {"layers_per_token": computed_layers, "sparsity": 1 - computed_layers / layers}
-        aux = (self.cfg.balance_weight * balance + self.sparsity_weight * penalty) / layers
+        aux = {"balance": self.cfg.balance_weight * balance / layers,
+               "sparsity": self.sparsity_weight * penalty / layers}
         return self.finish(x, targets, aux, work, stats)
 
     def init_state(self, batch_size: int) -> DecodeState:

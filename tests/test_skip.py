@@ -1,0 +1,175 @@
+"""The one skip primitive (bk/skip.py): subsets of tokens and a block run on them."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bk.model import BKBlock
+from bk.skip import Subset, run_block
+from tests.tiny import CFG
+
+F64 = torch.float64
+
+
+@st.composite
+def masks(draw, max_batch: int = 3, max_len: int = 12) -> torch.Tensor:
+    b = draw(st.integers(1, max_batch))
+    n = draw(st.integers(1, max_len))
+    bits = draw(st.lists(st.booleans(), min_size=b * n, max_size=b * n))
+    return torch.tensor(bits, dtype=torch.bool).view(b, n)
+
+
+def first_k_reference(select: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` selected positions of each row, by a plain loop."""
+    ran = torch.zeros_like(select)
+    for row in range(select.shape[0]):
+        taken = 0
+        for i in range(select.shape[1]):
+            if select[row, i] and taken < k:
+                ran[row, i] = True
+                taken += 1
+    return ran
+
+
+def subsets(mask: torch.Tensor, kind: str, k: int) -> Subset:
+    return Subset.where(mask.reshape(-1)) if kind == "where" else Subset.capacity(mask, k)
+
+
+def expected_mask(mask: torch.Tensor, kind: str, k: int) -> torch.Tensor:
+    return mask if kind == "where" else first_k_reference(mask, k)
+
+
+kinds = st.sampled_from(["where", "capacity"])
+
+
+@given(masks(), kinds, st.integers(0, 12), st.integers(0, 2**16))
+def test_gather_then_scatter_puts_every_row_back_where_it_came_from(mask, kind, k, seed):
+    k = min(k, mask.shape[1])
+    subset = subsets(mask, kind, k)
+    ran = expected_mask(mask, kind, k).reshape(-1)
+    assert torch.equal(subset.mask(), ran)
+    x = torch.randn(mask.numel(), 3, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    assert torch.equal(subset.scatter(torch.zeros_like(x), subset.gather(x))[ran], x[ran])
+    assert torch.equal(subset.scatter(x, subset.gather(x)), x)  # order restored
+    rows = torch.randn(subset.size, 3, dtype=F64)
+    out = subset.scatter(x, rows)
+    assert torch.equal(out[~ran], x[~ran])  # rows that did not run pass through
+    added = subset.add(x, rows)
+    assert torch.equal(added[~ran], x[~ran])
+    assert torch.allclose(added[ran] - x[ran], out[ran])
+
+
+@given(masks(), st.integers(0, 12))
+def test_a_capacity_subset_has_a_static_size_and_keeps_the_first_k_selected(mask, k):
+    k = min(k, mask.shape[1])
+    subset = Subset.capacity(mask, k)
+    assert subset.size == mask.shape[0] * k
+    assert torch.equal(subset.mask().view_as(mask), first_k_reference(mask, k))
+
+
+@given(masks(), st.integers(0, 12), st.integers(0, 11))
+def test_whether_a_position_runs_under_capacity_depends_on_earlier_decisions_only(mask, k, i):
+    k, i = min(k, mask.shape[1]), min(i, mask.shape[1] - 1)
+    changed = mask.clone()
+    changed[:, i + 1:] = ~changed[:, i + 1:]
+    before = Subset.capacity(mask, k).mask().view_as(mask)[:, :i + 1]
+    after = Subset.capacity(changed, k).mask().view_as(mask)[:, :i + 1]
+    assert torch.equal(before, after)
+
+
+def test_subsets_reject_malformed_decisions_with_clear_errors():
+    with pytest.raises(ValueError, match="1-D bool"):
+        Subset.where(torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="capacity k"):
+        Subset.capacity(torch.ones(2, 3, dtype=torch.bool), 4)
+    with pytest.raises(ValueError, match="rows"):
+        Subset.all(3).gather(torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="shape"):
+        Subset.all(3).scatter(torch.zeros(3, 2), torch.zeros(2, 2))
+
+
+def block_and_input(seed: int, b: int, n: int) -> tuple[BKBlock, torch.Tensor]:
+    torch.manual_seed(seed)
+    block = BKBlock(CFG).double()
+    for p in block.parameters():  # away from the initial values, so every term matters
+        p.data.add_(0.1 * torch.randn_like(p))
+    return block, torch.randn(b, n, CFG.d_model, dtype=F64, requires_grad=True)
+
+
+def carry_loop(v: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
+    """The potential of the last position strictly before each one that ran, by a loop."""
+    out = torch.zeros_like(v)
+    for row in range(v.shape[0]):
+        last = None
+        for i in range(v.shape[1]):
+            if last is not None:
+                out[row, i] = v[row, last]
+            if ran[row, i]:
+                last = i
+    return out
+
+
+def masked_dense(block: BKBlock, x: torch.Tensor, ran: torch.Tensor, fill: str, readout: str,
+                 gate: torch.Tensor | None = None) -> torch.Tensor:
+    """The block computed densely on every row, then masked: what run_block must equal."""
+    b, n, d = x.shape
+    f, v, _ = block.token_work(x.reshape(b * n, d))
+    f, v = f.view(b, n, d), v.view(b, n, -1)
+    keep = ran[..., None]
+    v = torch.where(keep, v, 0.0)
+    fill_v = carry_loop(v, ran) if fill == "carry" else torch.zeros_like(v)
+    g = gate.view(b, n, 1) if gate is not None else keep.to(x.dtype)
+    v = g * v + (1 - g) * fill_v
+    f = g * torch.where(keep, f, 0.0)
+    mixed = block.mix(block.resolvent(v))
+    return x + f + (mixed if readout == "all" else torch.where(keep, mixed, 0.0))
+
+
+@given(masks(max_len=10), kinds, st.integers(0, 10), st.sampled_from(["zero", "carry"]),
+       st.sampled_from(["ran", "all"]), st.integers(0, 2**16))
+def test_a_block_on_a_subset_equals_the_masked_dense_block_in_value_and_gradient(
+        mask, kind, k, fill, readout, seed):
+    k = min(k, mask.shape[1])
+    block, x = block_and_input(seed, *mask.shape)
+    subset = subsets(mask, kind, k)
+    ran = subset.mask().view_as(mask)
+    out, _ = run_block(block, x, subset, fill=fill, readout=readout)
+    ref = masked_dense(block, x, ran, fill, readout)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    w = torch.randn_like(out)
+    params = [x, *block.parameters()]
+    got = torch.autograd.grad((out * w).sum(), params, allow_unused=True)
+    want = torch.autograd.grad((ref * w).sum(), params, allow_unused=True)
+    for a, e in zip(got, want, strict=True):
+        if a is None or e is None:
+            assert a is None or not a.any()
+            assert e is None or not e.any()
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+
+
+@given(st.integers(1, 3), st.integers(1, 10), st.integers(0, 2**16))
+def test_a_block_on_every_row_is_the_dense_block(b, n, seed):
+    block, x = block_and_input(seed, b, n)
+    out, balance = run_block(block, x, Subset.all(b * n))
+    dense, dense_balance = block(x)
+    torch.testing.assert_close(out, dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(balance, dense_balance)
+
+
+@given(masks(max_len=10), st.sampled_from(["zero", "carry"]), st.integers(0, 2**16))
+def test_a_straight_through_gate_changes_no_value_and_carries_the_exact_gradient(
+        mask, fill, seed):
+    block, x = block_and_input(seed, *mask.shape)
+    subset = Subset.where(mask.reshape(-1))
+    gate = torch.ones(subset.size, dtype=F64, requires_grad=True)
+    out, _ = run_block(block, x, subset, fill=fill, readout="all", gate=gate)
+    plain, _ = run_block(block, x, subset, fill=fill, readout="all")
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    full_gate = torch.where(mask.reshape(-1), 1.0, 0.0).to(F64).requires_grad_()
+    ref = masked_dense(block, x, mask, fill, "all", gate=full_gate)
+    w = torch.randn_like(out)
+    (got,) = torch.autograd.grad((out * w).sum(), gate)
+    (want,) = torch.autograd.grad((ref * w).sum(), full_gate)
+    torch.testing.assert_close(got, want[mask.reshape(-1)], rtol=1e-9, atol=1e-12)
