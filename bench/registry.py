@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from bk.model import ModelConfig
+from bk.technique import TechniqueModel
 
 Value = float | int | str | bool
 
@@ -48,18 +49,28 @@ class Technique:
 
     name: str
     summary: str
-    build: Callable[[ModelConfig, Mapping[str, Any]], nn.Module]
+    build: Callable[[ModelConfig, Mapping[str, Any]], nn.Module] | None = None
     knobs: tuple[Knob, ...] = ()
     reference: str = "dense"
     finetune_fraction: float = 0.3
     schedule: Callable[[nn.Module, float], None] | None = None
     updates_weights: bool = True
+    model: type[TechniqueModel] | None = None  # the contract (bk/technique.py)
+
+    def __post_init__(self) -> None:
+        if self.model is not None:  # knobs, build and schedule come from the model class
+            object.__setattr__(self, "knobs", self.model.KNOBS)
+            object.__setattr__(self, "build", self.model.from_knobs)
+            object.__setattr__(self, "schedule", lambda m, progress: m.schedule(progress))
 
     def defaults(self) -> dict[str, Value]:
         return {k.name: k.default for k in self.knobs}
 
     def resolve(self, knobs: Mapping[str, Any] | None = None) -> dict[str, Value]:
-        """Defaults overridden by ``knobs``; an unknown knob name raises ``ValueError``."""
+        """Defaults overridden by ``knobs``, each validated; a bad name or value raises
+        ``ValueError`` naming the knob."""
+        if self.model is not None:
+            return self.model.resolve_knobs(knobs)
         values = self.defaults()
         for name, value in (knobs or {}).items():
             if name not in values:
