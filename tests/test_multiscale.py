@@ -1,12 +1,21 @@
 """Properties of the multi-scale (hourglass) ResNet-BK model."""
 
+import inspect
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bk.adaptive.multiscale import MultiScaleLanguageModel, block_levels, pool, unpool
-from bk.model import LanguageModel, ModelConfig
+from bk.adaptive.multiscale import (
+    HourglassDecodeState,
+    MultiScaleLanguageModel,
+    block_levels,
+    pool,
+    unpool,
+)
+from bk.model import DecodeState, LanguageModel, ModelConfig
+from bk.technique import Forcing, KnobError
 
 CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=4, n_seq=16, n_experts=2, d_expert=16,
                   bk_channels=2)
@@ -146,7 +155,7 @@ def test_blocks_run_on_the_reduced_lengths_and_the_work_counts_them(length, fact
     finally:
         for h in hooks:
             h.remove()
-    lengths = [length // factor ** level for level in multi.levels]
+    lengths = [length // factor ** level for level in multi.block_level]
     assert seen == [n for n in lengths if n > 0]
     assert out.work.token_layers == out.work.expert_calls == out.work.positions == 3 * sum(lengths)
     torch.testing.assert_close(out.stats["layers_per_token"],
@@ -180,17 +189,62 @@ def test_gradient_reaches_the_pooling_weights_and_the_gains():
         assert float(p.grad.abs().sum()) > 0
 
 
-@pytest.mark.parametrize(("factor", "levels", "message"), [
-    (0, 1, "factor must be a positive integer"),
-    (2.0, 1, "factor must be a positive integer"),
-    (2, -1, "levels must be >= 0"),
-    (2, 3, "needs at least levels"),
+@pytest.mark.parametrize(("knobs", "message"), [
+    ({"factor": 0}, "knob factor"), ({"factor": 2.5}, "knob factor"),
+    ({"factor": "two"}, "knob factor"), ({"factor": float("nan")}, "knob factor"),
+    ({"factor": True}, "knob factor"), ({"levels": -1}, "knob levels"),
+    ({"levels": 1.5}, "knob levels"), ({"levels": 3}, "knob levels: levels=3 needs at least"),
 ])
-def test_bad_factor_or_levels_raise_clear_errors(factor, levels, message):
-    with pytest.raises(ValueError, match=message):
-        MultiScaleLanguageModel(CFG, factor=factor, levels=levels)
+def test_bad_factor_or_levels_raise_errors_naming_the_knob(knobs, message):
+    with pytest.raises(KnobError, match=message):
+        MultiScaleLanguageModel(CFG, **knobs)
+    with pytest.raises(KnobError, match=message):
+        MultiScaleLanguageModel.from_knobs(CFG, knobs)
 
 
-def test_incremental_decoding_is_refused_rather_than_wrong():
-    with pytest.raises(NotImplementedError, match="use forward"):
-        MultiScaleLanguageModel(CFG).init_state(1)
+def test_the_knobs_are_the_keyword_only_constructor_arguments():
+    parameters = inspect.signature(MultiScaleLanguageModel).parameters
+    declared = {k.name: k.default for k in MultiScaleLanguageModel.KNOBS}
+    assert declared == {"factor": 2, "levels": 2}
+    assert {name: p.default for name, p in parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY} == declared
+    model = MultiScaleLanguageModel.from_knobs(CFG, {"factor": "4", "levels": 1.0})
+    assert model.knob_values() == {"factor": 4, "levels": 1}
+    assert isinstance(model.levels, int) and model.block_level == (0, 1, 1, 0)
+
+
+def test_it_makes_no_decisions_to_force():
+    assert MultiScaleLanguageModel(CFG).forced(Forcing(0.5)) is None
+
+
+def test_only_training_adds_the_balance_term():
+    _, multi = models(2, 2, 0)
+    idx = tokens(0, 2, 16)
+    assert multi(idx, idx).aux == {}
+    assert set(multi.train()(idx, idx).aux) == {"balance"}
+
+
+@given(batch=st.integers(1, 3), length=st.integers(1, 24), factor=st.integers(1, 4),
+       levels=st.integers(0, 2), seed=seeds)
+def test_step_by_step_decoding_equals_the_forward_pass(batch, length, factor, levels, seed):
+    _, multi = models(factor, levels, seed)
+    idx = tokens(seed, batch, length)
+    with torch.no_grad():
+        expected = multi(idx).logits
+        state = multi.init_state(batch)
+        states, logits = [state], []
+        for i in range(length):
+            step_logits, state = multi.step(idx[:, i], state)
+            states.append(state)
+            logits.append(step_logits)
+        torch.testing.assert_close(torch.stack(logits, dim=1), expected, rtol=1e-10, atol=1e-10)
+        middle = length // 2  # a state is never modified: stepping from it again is the same
+        again, _ = multi.step(idx[:, middle], states[middle])
+    torch.testing.assert_close(again, logits[middle], rtol=0, atol=0)
+
+
+def test_decoding_needs_its_own_state():
+    multi = MultiScaleLanguageModel(CFG)
+    assert isinstance(multi.init_state(2), HourglassDecodeState)
+    with pytest.raises(TypeError, match="HourglassDecodeState"):
+        multi.step(torch.zeros(2, dtype=torch.int64), DecodeState(g=(None,) * CFG.n_layers))

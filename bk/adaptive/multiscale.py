@@ -23,23 +23,43 @@ model is the dense model (up to float rounding of ``x + (y - x)``).
 Causality: a coarse block is causal over groups, group ``j`` depends on tokens ``<= jk+k-1``,
 and it is read only at positions ``>= jk+k-1``; by induction over levels no position sees a
 later token.
+
+Decoding (``step``) follows the same schedule one position at a time: a level keeps the stream
+values of its current incomplete group; when a position completes a group, the group is pooled
+and the coarser blocks step once on it, and the update of the last completed group is kept for
+the positions that read it until the next one completes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from bk.model import DecodeState, LanguageModel, ModelConfig, ModelOutput, Work
+from bk.model import DecodeState, ModelConfig, ModelOutput, Work
+from bk.technique import Knob, KnobError, TechniqueModel
+
+FACTOR = Knob("factor", int, 2, "pooling factor k between consecutive levels", low=1,
+              grid=(2, 4), search=(2, 8))
+LEVELS = Knob("levels", int, 2, "number of down-sampling levels; needs n_layers >= levels + 2",
+              low=0, grid=(1, 2), search=(1, 2))
+
+# Runs block ``index`` on ``x`` at its resolution: (new x, its weighted auxiliary training terms,
+# rows whose per-token work ran).
+BlockRunner = Callable[[int, nn.Module, torch.Tensor],
+                       tuple[torch.Tensor, dict[str, torch.Tensor], int]]
 
 
 def block_levels(n_layers: int, levels: int) -> tuple[int, ...]:
     """Resolution level of each block: ``min(i, levels)``, the last block at full resolution."""
     if levels < 0:
-        raise ValueError(f"levels must be >= 0, got {levels}")
+        raise KnobError(f"knob levels: expected an integer >= 0, got {levels}")
     if levels > 0 and levels > n_layers - 2:
-        raise ValueError(f"levels={levels} needs at least levels + 2 = {levels + 2} blocks (one "
-                         f"full-resolution block on each side); the model has {n_layers}")
+        raise KnobError(f"knob levels: levels={levels} needs at least levels + 2 = {levels + 2} "
+                        f"blocks (one full-resolution block on each side); the model has "
+                        f"{n_layers}")
     return tuple(min(i, levels) for i in range(n_layers - 1)) + (0,)
 
 
@@ -70,54 +90,68 @@ def unpool(delta: torch.Tensor, gains: torch.Tensor, length: int) -> torch.Tenso
     return torch.cat([spread.new_zeros(b, k - 1, d), spread], dim=1)[:, :length]
 
 
-class MultiScaleLanguageModel(LanguageModel):
-    """The dense model's blocks (same names, ``blocks.{i}``) on an hourglass of resolutions."""
+@dataclass(frozen=True)
+class HourglassDecodeState(DecodeState):
+    """The dense state (per block, the resolvent at the last position *that block* ran) plus,
+    per level ``l`` below the coarsest: ``partial[l]``, the level-``l`` stream values ``(B, d)``
+    of the current incomplete group, and ``update[l]``, the coarse update ``(B, d)`` of the last
+    completed group (``None`` before the first)."""
 
-    def __init__(self, cfg: ModelConfig, factor: int = 2, levels: int = 2) -> None:
+    partial: tuple[tuple[torch.Tensor, ...], ...] = ()
+    update: tuple[torch.Tensor | None, ...] = ()
+
+
+class MultiScaleLanguageModel(TechniqueModel):
+    """The dense model's blocks (same names, ``blocks.{i}``) on an hourglass of resolutions;
+    block ``i`` runs at level ``block_level[i]``. It makes no decisions (``forced`` is None)."""
+
+    KNOBS = (FACTOR, LEVELS)
+
+    def __init__(self, cfg: ModelConfig, *, factor: int = 2, levels: int = 2) -> None:
         super().__init__(cfg)
-        if not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be a positive integer, got {factor!r}")
-        self.factor = factor
-        self.levels = block_levels(cfg.n_layers, levels)
-        depth = max(self.levels)
+        self.factor = self.knob("factor").parse(factor)
+        self.levels = self.knob("levels").parse(levels)
+        self.block_level = block_levels(cfg.n_layers, self.levels)
+        depth = max(self.block_level)
         # Zero logits: mean pooling; unit gains: the coarse update passed on unchanged.
         self.pool_weights = nn.ParameterList(
-            nn.Parameter(torch.zeros(factor, cfg.d_model)) for _ in range(depth))
+            nn.Parameter(torch.zeros(self.factor, cfg.d_model)) for _ in range(depth))
         self.unpool_gains = nn.ParameterList(
-            nn.Parameter(torch.ones(factor, cfg.d_model)) for _ in range(depth))
+            nn.Parameter(torch.ones(self.factor, cfg.d_model)) for _ in range(depth))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        return self.hourglass(idx, targets, self.run_block)
+
+    def run_block(self, index: int, block: nn.Module, x: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """The dense block on ``x`` at its resolution (a :data:`BlockRunner`)."""
+        x, balance = block(x)
+        terms = {"balance": self.cfg.balance_weight * balance} if self.training else {}
+        return x, terms, x.shape[0] * x.shape[1]
+
+    def hourglass(self, idx: torch.Tensor, targets: torch.Tensor | None,
+                  run_block: BlockRunner) -> ModelOutput:
+        """The forward pass with every block run by ``run_block`` at its resolution."""
         self.check_tokens(idx)
         b, n = idx.shape
         x = self.embed(idx)
-        balance = x.new_zeros(())
+        aux: dict[str, torch.Tensor] = {}
         finer: list[tuple[torch.Tensor, torch.Tensor]] = []  # (fine stream, coarse at pooling)
         token_layers = positions = 0
-        for i, (block, level) in enumerate(zip(self.blocks, self.levels, strict=True)):
+        for index, (block, level) in enumerate(zip(self.blocks, self.block_level, strict=True)):
             x = self._move_to(level, x, finer)
             if x.shape[1] > 0:  # a level shorter than one group has no positions to run
-                x, layer_balance, computed = self.run_block(i, block, x)
-                balance = balance + layer_balance
-                token_layers += computed
+                x, terms, rows = run_block(index, block, x)
+                for name, term in terms.items():
+                    aux[name] = aux.get(name, 0) + term
+                token_layers += rows
                 positions += b * x.shape[1]
         x = self._move_to(0, x, finer)
         layers = len(self.blocks)
         work = Work(token_layers=token_layers, expert_calls=token_layers, positions=positions)
         stats = {"layers_per_token": x.new_full((b, n), token_layers / (b * n))}
-        aux = {"balance": self.cfg.balance_weight * balance / layers,
-               "blocks": self.block_penalty() / layers}
+        aux = {name: term / layers for name, term in aux.items()}
         return self.finish(x, targets, aux, work, stats)
-
-    def run_block(self, index: int, block: nn.Module, x: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Block ``index`` on ``x`` at its resolution: (new x, balance loss, positions whose
-        per-token work ran). A subclass may run blocks differently (see bk.adaptive.combined)."""
-        x, balance = block(x)
-        return x, balance, x.shape[0] * x.shape[1]
-
-    def block_penalty(self) -> torch.Tensor | float:
-        """An auxiliary training term gathered by ``run_block``; none here."""
-        return 0.0
 
     def _move_to(self, level: int, x: torch.Tensor,
                  finer: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -131,11 +165,57 @@ class MultiScaleLanguageModel(LanguageModel):
             x = fine + unpool(x - pooled, self.unpool_gains[len(finer)], fine.shape[1])
         return x
 
-    def init_state(self, batch_size: int) -> DecodeState:
-        raise NotImplementedError("MultiScaleLanguageModel has no incremental decoding (it would "
-                                  "need a per-level cache of partial groups); use forward()")
+    def init_state(self, batch_size: int) -> HourglassDecodeState:
+        depth = len(self.pool_weights)
+        return HourglassDecodeState(g=super().init_state(batch_size).g,
+                                    partial=((),) * depth, update=(None,) * depth)
 
     def step(self, tokens: torch.Tensor, state: DecodeState
-             ) -> tuple[torch.Tensor, DecodeState]:
-        raise NotImplementedError("MultiScaleLanguageModel has no incremental decoding (it would "
-                                  "need a per-level cache of partial groups); use forward()")
+             ) -> tuple[torch.Tensor, HourglassDecodeState]:
+        if not isinstance(state, HourglassDecodeState):
+            raise TypeError(f"state must be a HourglassDecodeState from init_state, got "
+                            f"{type(state).__name__}")
+        self.check_tokens(tokens[:, None])
+        x = self.embed(tokens)
+        g, partial, update = list(state.g), list(state.partial), list(state.update)
+        finer: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+        for index, (block, level) in enumerate(zip(self.blocks, self.block_level, strict=True)):
+            x = self._step_to(level, x, finer, partial, update)
+            if x is not None:  # this position completed a group at the block's level
+                x, g[index] = block.step(x, g[index])
+        x = self._step_to(0, x, finer, partial, update)
+        return self.head(self.norm(x)), HourglassDecodeState(
+            tuple(g), state.position + 1, tuple(partial), tuple(update))
+
+    def _step_to(self, level: int, x: torch.Tensor | None,
+                 finer: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+                 partial: list[tuple[torch.Tensor, ...]], update: list[torch.Tensor | None]
+                 ) -> torch.Tensor | None:
+        """``_move_to`` for one new position: ``x`` is ``None`` at a level where it completed
+        no group (nothing runs there). Updates ``partial`` and ``update`` in place."""
+        while len(finer) < level:
+            fine_level = len(finer)
+            pooled = None
+            if x is not None:
+                group = (*partial[fine_level], x)
+                complete = len(group) == self.factor
+                if complete:
+                    stacked = torch.stack(group, dim=1)
+                    pooled = pool(stacked, self.pool_weights[fine_level])[:, 0]
+                partial[fine_level] = () if complete else group
+            finer.append((x, pooled))
+            x = pooled
+        while len(finer) > level:
+            fine, pooled = finer.pop()
+            fine_level = len(finer)
+            if fine is None:
+                x = None
+                continue
+            if pooled is not None:  # the group completed here: its update is read at offset 0
+                update[fine_level] = x - pooled
+            # The gain's offset r = (t - (k-1)) mod k: 0 where the group completed, else the
+            # number of positions of the incomplete group so far.
+            offset = len(partial[fine_level])
+            last = update[fine_level]
+            x = fine if last is None else fine + self.unpool_gains[fine_level][offset] * last
+        return x
