@@ -99,8 +99,7 @@ class CachedCursor:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop every row not listed in ``rows`` (gathered, so dropped rows are not computed)."""
-        g = tuple(None if t is None else t.index_select(0, rows) for t in self.state.g)
-        self.state = DecodeState(g, self.state.position)
+        self.state = self.state.select(rows)
         self.logits = self.logits.index_select(0, rows)
 
     def advance(self, tokens: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ the prefix.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -119,6 +119,18 @@ class DecodeState:
 
     g: tuple[torch.Tensor | None, ...]
     position: int = 0
+
+    def select(self, rows: torch.Tensor) -> DecodeState:
+        """The state of batch rows ``rows`` only. Every tensor a state holds (also in a
+        technique's subclass, also inside tuples) has the batch as its first dimension."""
+        def pick(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.index_select(0, rows)
+            if isinstance(value, tuple):
+                return tuple(pick(v) for v in value)
+            return value
+
+        return replace(self, **{f.name: pick(getattr(self, f.name)) for f in fields(self)})
 
 
 class BKBlock(nn.Module):

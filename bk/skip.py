@@ -165,7 +165,7 @@ def run_block(block: nn.Module, x: torch.Tensor, subset: Subset, *, fill: str = 
         f = f * gate[:, None]
     g_diag = block.resolvent(potentials)
     if readout == "all":
-        out = subset.add(flat + block.mix(g_diag).reshape(b * n, d), f)
+        out = subset.add(flat, f) + block.mix(g_diag).reshape(b * n, d)
     else:
         rows = subset.gather(g_diag.reshape(b * n, channels))
         out = subset.add(flat, f + block.mix(rows))
