@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import cmath
 import math
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -65,19 +66,18 @@ _A, _BC, _GR, _GI, _LR, _LI, _RR, _RI = range(8)
 @njit(inline="always")
 def _tile_to_columns(x, y, i0, m, out):
     """out[t, p Q + q] = x[p, i0 + t, q] (times y[p, i0 + t, q] unless y is None) for t < m,
-    in float64."""
+    in float64. Q = 1 is a loop of its own: a runtime inner loop of one iteration is slow."""
     p_, _, q_ = x.shape
     for p in range(p_):
-        for q in range(q_):
-            r = p * q_ + q
-            if m == _TILE:
-                for t in range(_TILE):
+        if q_ == 1 and m == _TILE:
+            for t in range(_TILE):
+                v = np.float64(x[p, i0 + t, 0])
+                out[t, p] = v if y is None else v * np.float64(y[p, i0 + t, 0])
+        else:
+            for t in range(m):
+                for q in range(q_):
                     v = np.float64(x[p, i0 + t, q])
-                    out[t, r] = v if y is None else v * np.float64(y[p, i0 + t, q])
-            else:
-                for t in range(m):
-                    v = np.float64(x[p, i0 + t, q])
-                    out[t, r] = v if y is None else v * np.float64(y[p, i0 + t, q])
+                    out[t, p * q_ + q] = v if y is None else v * np.float64(y[p, i0 + t, q])
 
 
 @njit(inline="always")
@@ -85,13 +85,13 @@ def _tile_from_columns(re, im, i0, m, out):
     """out[p, i0 + t, q] = re[t, p Q + q] (+ i im[t, p Q + q] unless im is None) for t < m."""
     p_, _, q_ = out.shape
     for p in range(p_):
-        for q in range(q_):
-            r = p * q_ + q
-            if m == _TILE:
-                for t in range(_TILE):
-                    out[p, i0 + t, q] = re[t, r] if im is None else complex(re[t, r], im[t, r])
-            else:
-                for t in range(m):
+        if q_ == 1 and m == _TILE:
+            for t in range(_TILE):
+                out[p, i0 + t, 0] = re[t, p] if im is None else complex(re[t, p], im[t, p])
+        else:
+            for t in range(m):
+                for q in range(q_):
+                    r = p * q_ + q
                     out[p, i0 + t, q] = re[t, r] if im is None else complex(re[t, r], im[t, r])
 
 
@@ -529,14 +529,28 @@ def _sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return g.sum(dim=dims, keepdim=True) if dims else g
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, ...]) -> np.ndarray:
+    """A float64 work array that is not kept after the call: the thread's next call reuses it,
+    so that large calls do not map (and fault in) fresh pages every time."""
+    size = math.prod(shape)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < size:
+        buf = _SCRATCH.buf = np.empty(size)
+    return buf[:size].reshape(shape)
+
+
 def _run_forward(plan: _Plan, a, b, c, z, keep: bool) -> tuple[torch.Tensor, np.ndarray]:
     """The result tensor and the workspace the backward pass reads (if `keep`)."""
     n, rows = plan.n, plan.p * plan.q
     out, out_view = _empty(plan, n, plan.cdtype)
     if plan.causal:  # the causal pass needs only a tile of each column unless kept
-        cols = np.empty((4, n if keep or b is not None else min(n, _TILE), rows))
+        shape = (4, n if keep or b is not None else min(n, _TILE), rows)
     else:
-        cols = np.empty((8, n, rows))
+        shape = (8, n, rows)
+    cols = np.empty(shape) if keep else _scratch(shape)
     couplings = (None, None) if b is None else (_blocks(b, plan, n - 1), _blocks(c, plan, n - 1))
     status = _forward(_blocks(a, plan, n), *couplings, plan.k, _shift_blocks(z, plan),
                       plan.causal, cols, out_view)
@@ -576,7 +590,7 @@ class _ResolventDiag(torch.autograd.Function):
                 exact = shape == full[:-1] + (m,)
                 grads[i], views[i] = _empty(plan, m, plan.dtype if exact else torch.float64)
         gz = np.empty(rows, dtype=np.complex128)
-        work = np.empty((3 if plan.causal else 7, n, rows))
+        work = _scratch((3 if plan.causal else 7, n, rows))
         couplings = (None, None) if b is None else (_blocks(b, plan, n - 1),
                                                     _blocks(c, plan, n - 1))
         _backward(_blocks(grad_out, plan, n), *couplings, plan.k, plan.causal, cols, work,
