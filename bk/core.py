@@ -23,12 +23,17 @@ b_k c_k >= 0 and Im z > 0, every denominator has imaginary part <= -Im z, so |g_
 When some b_k c_k < 0 a leading or trailing block can be singular; the result is then
 non-finite and a FloatingPointError is raised.
 
-Everything is computed in complex128 (also for float32 inputs) by numba kernels; the backward
-pass is reverse-mode differentiation through (1)-(3), with torch's convention for complex
+Everything is computed in double precision (also for float32 inputs) by numba kernels; the
+backward pass is reverse-mode differentiation through (1)-(3), with torch's convention for complex
 gradients (grad_u = conj(f'(u)) * grad_w, real part for the real inputs a, b, c).
 """
 
 from __future__ import annotations
+
+import cmath
+import math
+import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,157 +44,332 @@ __all__ = ["causal_step", "resolvent_diag", "resolvent_diag_loop"]
 _JIT = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
 _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
+# --------------------------------------------------------------------------------------------
+# Layout. The recursions run on "columns": C-contiguous float64 arrays (N, rows) with one column
+# per row of the batch and real and imaginary parts in separate arrays, so that the innermost
+# loop runs over rows: the independent recursions of the rows sit in SIMD lanes and every access
+# is contiguous (one recursion alone is latency-bound). Inputs and outputs are read and written
+# in place as (P, M, Q) arrays over M = N (or N-1) positions, row p*Q + q: a (rows, N) batch is
+# (rows, N, 1); the model's potentials, stored (B, N, C) and passed as the transposed view
+# (B, C, N), are (B, N, C). The copies between the two layouts go in tiles of 8 positions (a
+# constant trip count the compiler unrolls; longer strides of a power-of-two size would map
+# every row to the same few cache sets).
+#
+# A forward workspace `cols` (4 or 8, N, rows) holds the columns of a, b*c and the result (re,
+# im), and for the full diagonal also (1) (re, im) and (2) (re, im); the backward pass reads it.
+# --------------------------------------------------------------------------------------------
+
+_TILE = 8
+_A, _BC, _GR, _GI, _LR, _LI, _RR, _RI = range(8)
+
+
+@njit(inline="always")
+def _tile_to_columns(x, y, i0, m, out):
+    """out[t, p Q + q] = x[p, i0 + t, q] (times y[p, i0 + t, q] unless y is None) for t < m,
+    in float64. Q = 1 is a loop of its own: a runtime inner loop of one iteration is slow."""
+    p_, _, q_ = x.shape
+    for p in range(p_):
+        if q_ == 1 and m == _TILE:
+            for t in range(_TILE):
+                v = np.float64(x[p, i0 + t, 0])
+                out[t, p] = v if y is None else v * np.float64(y[p, i0 + t, 0])
+        else:
+            for t in range(m):
+                for q in range(q_):
+                    v = np.float64(x[p, i0 + t, q])
+                    out[t, p * q_ + q] = v if y is None else v * np.float64(y[p, i0 + t, q])
+
+
+@njit(inline="always")
+def _tile_from_columns(re, im, i0, m, out):
+    """out[p, i0 + t, q] = re[t, p Q + q] (+ i im[t, p Q + q] unless im is None) for t < m."""
+    p_, _, q_ = out.shape
+    for p in range(p_):
+        if q_ == 1 and m == _TILE:
+            for t in range(_TILE):
+                out[p, i0 + t, 0] = re[t, p] if im is None else complex(re[t, p], im[t, p])
+        else:
+            for t in range(m):
+                for q in range(q_):
+                    r = p * q_ + q
+                    out[p, i0 + t, q] = re[t, r] if im is None else complex(re[t, r], im[t, r])
+
+
+@njit(**_JIT)
+def _to_columns(x, y, out):
+    """out[i, p Q + q] = x[p, i, q] (times y[p, i, q] unless y is None), in float64."""
+    m = x.shape[1]
+    for i0 in range(0, m, _TILE):
+        _tile_to_columns(x, y, i0, min(_TILE, m - i0), out[i0:])
+
+
+@njit(**_JIT)
+def _complex_to_columns(x, re, im):
+    """re[i, p Q + q] + i im[i, p Q + q] = x[p, i, q], in float64."""
+    p_, m, q_ = x.shape
+    for p in range(p_):
+        for q in range(q_):
+            for i in range(m):
+                v = x[p, i, q]
+                re[i, p * q_ + q], im[i, p * q_ + q] = v.real, v.imag
+
+
+@njit(**_JIT)
+def _from_columns(re, im, out):
+    """out[p, i, q] = re[i, p Q + q] (+ i im[i, p Q + q] unless im is None)."""
+    m = out.shape[1]
+    for i0 in range(0, m, _TILE):
+        if im is None:
+            _tile_from_columns(re[i0:], None, i0, min(_TILE, m - i0), out)
+        else:
+            _tile_from_columns(re[i0:], im[i0:], i0, min(_TILE, m - i0), out)
+
+
+@njit(**_JIT)
+def _coupling_grads(gbc, b, c, gb, gc):
+    """gb = gbc c and gc = gbc b (the gradient of b_i c_i split by the product rule), each
+    into a (P, N-1, Q) array or skipped if None."""
+    p_, m, q_ = b.shape
+    for p in range(p_):
+        for q in range(q_):
+            for i in range(m):
+                g = gbc[i, p * q_ + q]
+                if gb is not None:
+                    gb[p, i, q] = g * np.float64(c[p, i, q])
+                if gc is not None:
+                    gc[p, i, q] = g * np.float64(b[p, i, q])
+
 
 # --------------------------------------------------------------------------------------------
-# Kernels. Arrays are C-contiguous: a (B, N), b and c (B, N-1), all float32 or all float64,
-# z (B,) complex128, outputs (B, N) complex128; all arithmetic is in double precision. Complex
-# products with the real a and b*c are written out in (real, imag) pairs and 1/d is computed
-# as conj(d) / |d|^2. Rows are processed in blocks of `block` rows with the row loop innermost,
-# so that the independent recursions of a block overlap in the CPU pipeline (one recursion
-# alone is latency-bound); see _block for the size. Forward kernels return False if an output
-# is non-finite (tracked as a running sum of 0*value, NaN iff some value was NaN or infinite).
+# Recursions on columns. `bc` holds b_k c_k in column form, or is None for couplings that are
+# one constant `k` = b c (compiled as a separate specialisation without the loads). Complex
+# products are written out in (real, imag) pairs and 1/d is computed as conj(d) / |d|^2.
 # A non-finite input or a zero denominator always reaches an output as NaN: 1/d is inf*0 = NaN
 # for d = 0 or infinite d, and a NaN propagates through the recursions into (3).
+# Each recursion carries its previous value in a (rows,) array `(cr, ci)` rather than reading
+# the previous row of its output: a loop that reads row i-1 and writes row i of one array gets
+# a runtime overlap check that the compiler hoists over all rows, fails, and falls back to
+# scalar code.
 # --------------------------------------------------------------------------------------------
 
 
-def _block(n: int) -> int:
-    """Rows per block: enough to hide the latency of a recursion step, few enough that the
-    block's arrays stay in cache (measured on 2 cores, batch 8, N = 4096 ... 65536)."""
-    return 4 if n <= 8192 else 2
+@njit(inline="always")
+def _coupling(bc, k, i, r):
+    """b_i c_i of row r."""
+    return k if bc is None else bc[i, r]
 
 
 @njit(inline="always")
-def _bc(b, c, row, i):
-    """b_i c_i of a row, in double precision."""
-    return np.float64(b[row, i]) * np.float64(c[row, i])
+def _recursion_step(a, ia, bc, j, k, zr, zi, cr, ci, gr, gi, io, dr_out, di_out):
+    """One position of (1) or (2) for every row: g = 1 / (a[ia] - z - b_j c_j c), with c the
+    carried previous value (no coupling term for j < 0), into row io of (gr, gi) and the carry.
+    The denominator also goes to row io of (dr_out, di_out) unless they are None."""
+    for r in range(a.shape[1]):
+        dr, di = a[ia, r] - zr[r], -zi[r]
+        if j >= 0:
+            kk = _coupling(bc, k, j, r)
+            dr, di = dr - kk * cr[r], di - kk * ci[r]
+        m = 1.0 / (dr * dr + di * di)
+        xr, xi = dr * m, -di * m
+        gr[io, r], gi[io, r] = xr, xi
+        cr[r], ci[r] = xr, xi
+        if dr_out is not None:
+            dr_out[io, r], di_out[io, r] = dr, di
+
+
+@njit(**_JIT)
+def _causal_forward(a, bc, k, zr, zi, cols, out):
+    """Recursion (1) tile by tile: each tile of _TILE positions of a is copied to columns,
+    recursed and copied to out while it is in cache. The result columns keep every position
+    for the backward pass if cols has N of them, else only the tile. False if some g_i is not
+    finite: a non-finite value anywhere reaches the last position (once a denominator or g is
+    infinite or NaN, every later denominator is NaN: 0 * inf = NaN, and 1/d = inf * 0 = NaN)."""
+    n = a.shape[1]
+    ta, gr, gi = cols[_A], cols[_GR], cols[_GI]
+    keep = cols.shape[1] >= n
+    rows = ta.shape[1]
+    cr, ci = np.empty(rows), np.empty(rows)
+    for i0 in range(0, n, _TILE):
+        m = min(_TILE, n - i0)
+        base = i0 if keep else 0
+        _tile_to_columns(a, None, i0, m, ta)
+        for t in range(m):
+            i = i0 + t
+            _recursion_step(ta, t, bc, i - 1, k, zr, zi, cr, ci, gr, gi, base + t, None, None)
+        _tile_from_columns(gr[base:], gi[base:], i0, m, out)
+    for r in range(rows):
+        if not (np.isfinite(cr[r]) and np.isfinite(ci[r])):
+            return False
+    return True
+
+
+@njit(**_JIT)
+def _full_columns(cols, bc, k, zr, zi):
+    """Recursions (1) and (2) in one interleaved sweep (two independent recursions hide each
+    other's latency when rows are few), then (3) into the result columns; False if some G_ii is
+    not finite. The denominator of (3) is that of (1) minus b_i c_i r_{i+1}; the sweep parks
+    the denominators of (1) in the result columns."""
+    a, gr, gi = cols[_A], cols[_GR], cols[_GI]
+    lr, li, rr, ri = cols[_LR], cols[_LI], cols[_RR], cols[_RI]
+    n, rows = a.shape
+    clr, cli, crr, cri = np.empty(rows), np.empty(rows), np.empty(rows), np.empty(rows)
+    for s in range(n):
+        _recursion_step(a, s, bc, s - 1, k, zr, zi, clr, cli, lr, li, s, gr, gi)
+        j = n - 1 - s
+        _recursion_step(a, j, bc, j if s > 0 else -1, k, zr, zi, crr, cri, rr, ri, j, None, None)
+    bad = np.zeros(rows)
+    for i in range(n - 1):
+        for r in range(rows):
+            kk = _coupling(bc, k, i, r)
+            dr = gr[i, r] - kk * rr[i + 1, r]
+            di = gi[i, r] - kk * ri[i + 1, r]
+            m = 1.0 / (dr * dr + di * di)
+            xr, xi = dr * m, -di * m
+            gr[i, r], gi[i, r] = xr, xi
+            bad[r] += 0.0 * (xr + xi)  # NaN iff some value is NaN or infinite
+    for r in range(rows):  # (3) at the last position is (1) there
+        xr, xi = lr[n - 1, r], li[n - 1, r]
+        gr[n - 1, r], gi[n - 1, r] = xr, xi
+        bad[r] += 0.0 * (xr + xi)
+    return not np.any(bad != 0.0)
+
+
+@njit(**_JIT)
+def _forward(a, b, c, k, z, causal, cols, out):
+    """The causal (1) or full (3) diagonal of every row into `out` (P, N, Q), with the
+    workspace `cols`. a (P, N, Q); b, c (P, N-1, Q), or None for the constant coupling product
+    k; z (P or 1, Q or 1) complex. Returns 0, or 1 if some z is not finite with Im z > 0
+    (nothing computed), or 2 if some output is not finite (out not written)."""
+    p_, n, q_ = a.shape
+    zr, zi = np.empty(p_ * q_), np.empty(p_ * q_)
+    zp, zq = z.shape
+    for p in range(p_):
+        for q in range(q_):
+            v = z[p % zp, q % zq]
+            if not (np.isfinite(v.real) and np.isfinite(v.imag) and v.imag > 0):
+                return 1
+            zr[p * q_ + q], zi[p * q_ + q] = v.real, v.imag
+    if b is not None:
+        _to_columns(b, c, cols[_BC])
+    if causal:
+        if b is None:
+            return 0 if _causal_forward(a, None, k, zr, zi, cols, out) else 2
+        return 0 if _causal_forward(a, cols[_BC], k, zr, zi, cols, out) else 2
+    _to_columns(a, None, cols[_A])
+    if b is None:
+        ok = _full_columns(cols, None, k, zr, zi)
+    else:
+        ok = _full_columns(cols, cols[_BC], k, zr, zi)
+    if not ok:
+        return 2
+    _from_columns(cols[_GR], cols[_GI], out)
+    return 0
 
 
 @njit(inline="always")
-def _recip(dr, di):
-    """1 / (dr + i di) as a (real, imag) pair."""
-    m = 1.0 / (dr * dr + di * di)
-    return dr * m, -di * m
+def _adjoint_of_denominator(hr, hi, gr, gi):
+    """-h g^2: the adjoint of d for g = 1/d, given the adjoint h of g."""
+    qr, qi = gr * gr - gi * gi, 2.0 * gr * gi
+    return -(hr * qr - hi * qi), -(hr * qi + hi * qr)
+
+
+# The backward kernels propagate h = conj(w) (w: torch's incoming gradient) with holomorphic
+# derivatives. They leave in (work[0], work[1]) the adjoint s_i of a_i, which is complex:
+# grad_a = Re(s), and since every denominator depends on a_i - z, grad_z = conj(-sum_i s_i).
+# work[2] receives grad_{b_k c_k} (real) when the couplings are tensors.
 
 
 @njit(**_JIT)
-def _causal_fwd(a, b, c, z, g, block):
-    """Recursion (1) for every row, into g."""
-    bad = 0.0
-    rows, n = a.shape
-    for r0 in range(0, rows, block):
-        for i in range(n):
-            for row in range(r0, min(r0 + block, rows)):
-                dr, di = a[row, i] - z[row].real, -z[row].imag
-                if i > 0:
-                    k, p = _bc(b, c, row, i - 1), g[row, i - 1]
-                    dr, di = dr - k * p.real, di - k * p.imag
-                gr, gi = _recip(dr, di)
-                g[row, i] = complex(gr, gi)
-                bad += 0.0 * gr + 0.0 * gi
-    return bad == 0.0
+def _causal_adjoint(cols, bc, k, work):
+    """Adjoint of (1): s_i = -g_i^2 (h_i - b_i c_i s_{i+1}), in place of w."""
+    gr, gi, sr, si, gbc = cols[_GR], cols[_GI], work[0], work[1], work[2]
+    n, rows = gr.shape
+    cr, ci = np.empty(rows), np.empty(rows)
+    for i in range(n - 1, -1, -1):
+        for r in range(rows):
+            hr, hi = sr[i, r], -si[i, r]
+            if i < n - 1:
+                kk = _coupling(bc, k, i, r)
+                hr, hi = hr - kk * cr[r], hi - kk * ci[r]
+                if bc is not None:
+                    gbc[i, r] = -(cr[r] * gr[i, r] - ci[r] * gi[i, r])
+            xr, xi = _adjoint_of_denominator(hr, hi, gr[i, r], gi[i, r])
+            sr[i, r], si[i, r] = xr, xi
+            cr[r], ci[r] = xr, xi
 
 
 @njit(**_JIT)
-def _full_fwd(a, b, c, z, gl, gr, out, block):
-    """Recursions (1) into gl and (2) into gr, interleaved in one sweep, then (3) into out.
-    The denominator of (3) is that of (1) minus b_i c_i r_{i+1}; the sweep parks the
-    denominators of (1) in out."""
-    bad = 0.0
-    rows, n = a.shape
-    for r0 in range(0, rows, block):
-        r1 = min(r0 + block, rows)
-        for i in range(n):
-            j = n - 1 - i
-            for row in range(r0, r1):
-                zr, zi = z[row].real, z[row].imag
-                dr, di = a[row, i] - zr, -zi
-                er, ei = a[row, j] - zr, -zi
-                if i > 0:
-                    k, p = _bc(b, c, row, i - 1), gl[row, i - 1]
-                    dr, di = dr - k * p.real, di - k * p.imag
-                    k, p = _bc(b, c, row, j), gr[row, j + 1]
-                    er, ei = er - k * p.real, ei - k * p.imag
-                out[row, i] = complex(dr, di)
-                lr, li = _recip(dr, di)
-                gl[row, i] = complex(lr, li)
-                rr, ri = _recip(er, ei)
-                gr[row, j] = complex(rr, ri)
-        for row in range(r0, r1):
-            for i in range(n):
-                d = out[row, i]
-                dr, di = d.real, d.imag
-                if i < n - 1:
-                    k, p = _bc(b, c, row, i), gr[row, i + 1]
-                    dr, di = dr - k * p.real, di - k * p.imag
-                wr, wi = _recip(dr, di)
-                out[row, i] = complex(wr, wi)
-                bad += 0.0 * wr + 0.0 * wi
-    return bad == 0.0
-
-
-@njit(inline="always")
-def _adjoint(hr, hi, g):
-    """Adjoint of the denominator d of g = 1/d, given the adjoint h of g: -h g^2."""
-    qr, qi = g.real * g.real - g.imag * g.imag, 2.0 * g.real * g.imag
-    return complex(-(hr * qr - hi * qi), -(hr * qi + hi * qr))
-
-
-# The backward kernels propagate h = conj(grad) (grad: torch's incoming gradient) with
-# holomorphic derivatives. They return ha, the adjoint of every denominator's a_i term, which is
-# complex: grad_a = Re(ha), and since every denominator depends on a_i - z,
-# grad_z = conj(-sum_i ha_i). gbc receives grad_{b_k c_k} (real).
+def _full_adjoint(cols, bc, k, work):
+    """Adjoint of (3) (e_i, in place of w), then of (1) and (2) in one interleaved sweep:
+    u_i and v_i are the summed adjoints of the i-th denominators of (3)+(1) and (3)+(2); a_i
+    receives u_i + v_i - e_i."""
+    gr, gi, lr, li, rr, ri = cols[_GR], cols[_GI], cols[_LR], cols[_LI], cols[_RR], cols[_RI]
+    er, ei, gbc, ur, ui, vr, vi = work[0], work[1], work[2], work[3], work[4], work[5], work[6]
+    n, rows = gr.shape
+    for i in range(n):
+        for r in range(rows):
+            er[i, r], ei[i, r] = _adjoint_of_denominator(er[i, r], -ei[i, r], gr[i, r], gi[i, r])
+    cur, cui, cvr, cvi = np.empty(rows), np.empty(rows), np.empty(rows), np.empty(rows)
+    for s in range(n):
+        i, j = n - 1 - s, s  # (1) is swept backwards, (2) forwards
+        for r in range(rows):
+            xr, xi = er[i, r], ei[i, r]
+            if s > 0:
+                kk = _coupling(bc, k, i, r)
+                tr, ti = _adjoint_of_denominator(-kk * cur[r], -kk * cui[r], lr[i, r], li[i, r])
+                xr, xi = xr + tr, xi + ti
+            ur[i, r], ui[i, r] = xr, xi
+            cur[r], cui[r] = xr, xi
+        for r in range(rows):
+            xr, xi = er[j, r], ei[j, r]
+            if s > 0:
+                kk = _coupling(bc, k, j - 1, r)
+                tr, ti = _adjoint_of_denominator(-kk * cvr[r], -kk * cvi[r], rr[j, r], ri[j, r])
+                xr, xi = xr + tr, xi + ti
+            vr[j, r], vi[j, r] = xr, xi
+            cvr[r], cvi[r] = xr, xi
+    if bc is not None:
+        for i in range(n - 1):
+            for r in range(rows):
+                gbc[i, r] = -((ur[i + 1, r] * lr[i, r] - ui[i + 1, r] * li[i, r])
+                              + (vr[i, r] * rr[i + 1, r] - vi[i, r] * ri[i + 1, r]))
+    for i in range(n):
+        for r in range(rows):
+            er[i, r] = ur[i, r] + vr[i, r] - er[i, r]
+            ei[i, r] = ui[i, r] + vi[i, r] - ei[i, r]
 
 
 @njit(**_JIT)
-def _causal_bwd(grad, b, c, g, ha, gbc, block):
-    """Adjoint of (1): ha_i = -s_i g_i^2 with s_i = h_i - ha_{i+1} bc_i."""
-    rows, n = g.shape
-    for r0 in range(0, rows, block):
-        r1 = min(r0 + block, rows)
-        for i in range(n - 1, -1, -1):
-            for row in range(r0, r1):
-                sr, si = grad[row, i].real, -grad[row, i].imag
-                if i < n - 1:
-                    k, p = _bc(b, c, row, i), ha[row, i + 1]
-                    sr, si = sr - k * p.real, si - k * p.imag
-                ha[row, i] = _adjoint(sr, si, g[row, i])
-        for row in range(r0, r1):
-            for i in range(n - 1):
-                gbc[row, i] = -(ha[row, i + 1] * g[row, i]).real
+def _adjoint(cols, bc, k, causal, work):
+    if causal:
+        _causal_adjoint(cols, bc, k, work)
+    else:
+        _full_adjoint(cols, bc, k, work)
 
 
 @njit(**_JIT)
-def _full_bwd(grad, b, c, gl, gr, out, ha, gbc, block):
-    """Adjoint of (3) (into ha), then of (1) and (2) in one interleaved sweep. ul_i, vr_i are
-    the summed adjoints of the i-th denominators of (3)+(1) and (3)+(2), respectively."""
-    rows, n = out.shape
-    ul = np.empty((min(rows, block), n), dtype=np.complex128)
-    vr = np.empty_like(ul)
-    for r0 in range(0, rows, block):
-        r1 = min(r0 + block, rows)
-        for row in range(r0, r1):
-            for i in range(n):
-                ha[row, i] = _adjoint(grad[row, i].real, -grad[row, i].imag, out[row, i])
-        for s in range(n):
-            i, j = n - 1 - s, s  # (1) is swept backwards, (2) forwards
-            for row in range(r0, r1):
-                q = row - r0
-                sr = si = 0.0
-                if s > 0:
-                    k, p = _bc(b, c, row, i), ul[q, i + 1]
-                    sr, si = -k * p.real, -k * p.imag
-                ul[q, i] = ha[row, i] + _adjoint(sr, si, gl[row, i])
-                if s > 0:
-                    k, p = _bc(b, c, row, j - 1), vr[q, j - 1]
-                    sr, si = -k * p.real, -k * p.imag
-                vr[q, j] = ha[row, j] + _adjoint(sr, si, gr[row, j])
-        for row in range(r0, r1):
-            q = row - r0
-            for i in range(n):
-                ha[row, i] = ul[q, i] + vr[q, i] - ha[row, i]
-            for i in range(n - 1):
-                gbc[row, i] = -(ul[q, i + 1] * gl[row, i] + vr[q, i] * gr[row, i + 1]).real
+def _backward(w, b, c, k, causal, cols, work, ga, gb, gc, gz):
+    """Reverse mode through the forward pass that left `cols`, for the upstream gradient
+    w (P, N, Q) complex: grad_a into ga (P, N, Q), grad_b and grad_c into gb, gc (P, N-1, Q)
+    (each skipped if None), grad_z into gz (P Q,) complex. work (3 or 7, N, P Q) float64."""
+    _complex_to_columns(w, work[0], work[1])
+    if b is None:
+        _adjoint(cols, None, k, causal, work)
+    else:
+        _adjoint(cols, cols[_BC], k, causal, work)
+        if gb is not None or gc is not None:
+            _coupling_grads(work[2], b, c, gb, gc)
+    sr, si = work[0], work[1]
+    n, rows = sr.shape
+    zr, zi = np.zeros(rows), np.zeros(rows)
+    for i in range(n):
+        for r in range(rows):
+            zr[r] -= sr[i, r]
+            zi[r] += si[i, r]
+    for r in range(rows):
+        gz[r] = complex(zr[r], zi[r])
+    if ga is not None:
+        _from_columns(sr, None, ga)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,28 +377,46 @@ def _full_bwd(grad, b, c, gl, gr, out, ha, gbc, block):
 # --------------------------------------------------------------------------------------------
 
 
-def _check(a, b, c, z):
-    """Validate inputs except the finiteness of a, b, c (see _check_finite); return (batch
-    shape, z as a complex tensor, output dtype)."""
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check(a, b, c, z) -> tuple[tuple[int, ...], torch.dtype]:
+    """Validate everything but the values of the tensors a, b, c, z (the kernels detect bad
+    values without a pass of their own; _check_finite and _check_shift name them); return the
+    batch shape and the output dtype."""
     for name, t in (("a", a), ("b", b), ("c", c)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _COMPLEX:
-            raise TypeError(f"{name} must be real float32 or float64, got {t.dtype}")
-        if t.device.type != "cpu":
-            raise ValueError(f"{name} must be on the CPU, got device {t.device}")
-        if t.dim() == 0:
-            raise ValueError(f"{name} must have at least one dimension, got a scalar")
-    if not a.dtype == b.dtype == c.dtype:
-        raise TypeError(f"a, b, c must share one dtype, got {a.dtype}, {b.dtype}, {c.dtype}")
+        if isinstance(t, torch.Tensor):
+            if t.dtype not in _COMPLEX:
+                raise TypeError(f"{name} must be real float32 or float64, got {t.dtype}")
+            if not t.is_cpu:
+                raise ValueError(f"{name} must be on the CPU, got device {t.device}")
+            if t.ndim == 0:
+                raise ValueError(f"{name} must have at least one dimension, got a scalar")
+        elif name == "a":
+            raise TypeError(f"a must be a torch.Tensor, got {type(t).__name__}")
+        elif not _is_number(t):
+            raise TypeError(f"{name} must be a torch.Tensor or a real number, got "
+                            f"{type(t).__name__}")
+        elif not math.isfinite(t):
+            raise ValueError(f"{name} must be finite, got {t}")
+    tensors = (isinstance(b, torch.Tensor), isinstance(c, torch.Tensor))
+    if any(t and x.dtype != a.dtype for t, x in zip(tensors, (b, c), strict=True)):
+        raise TypeError("a, b, c must share one dtype, got " + ", ".join(
+            str(x.dtype) if isinstance(x, torch.Tensor) else "a number" for x in (a, b, c)))
     n = a.shape[-1]
     if n == 0:
         raise ValueError(f"a must have at least one entry on its last axis, got shape "
                          f"{tuple(a.shape)}")
-    for name, t in (("b", b), ("c", c)):
-        if t.shape[-1] != n - 1:
-            raise ValueError(f"{name} must have N-1 = {n - 1} entries on its last axis "
-                             f"(a has N = {n}), got shape {tuple(t.shape)}")
+    shapes = [a.shape[:-1]]
+    for name, t, tensor in (("b", b, tensors[0]), ("c", c, tensors[1])):
+        if tensor:
+            if t.shape[-1] != n - 1:
+                raise ValueError(f"{name} must have N-1 = {n - 1} entries on its last axis "
+                                 f"(a has N = {n}), got shape {tuple(t.shape)}")
+            shapes.append(t.shape[:-1])
+        else:
+            shapes.append(())
     cdtype = _COMPLEX[a.dtype]
     if isinstance(z, torch.Tensor):
         if not (z.dtype.is_complex or z.dtype.is_floating_point):
@@ -227,41 +425,99 @@ def _check(a, b, c, z):
             raise ValueError("z must have Im z > 0, got a real tensor (Im z = 0)")
         if z.dtype != cdtype:
             raise TypeError(f"z must be {cdtype} for {a.dtype} inputs, got {z.dtype}")
-        if z.device.type != "cpu":
+        if not z.is_cpu:
             raise ValueError(f"z must be on the CPU, got device {z.device}")
-        zn = z.detach().resolve_conj().numpy()
+        shapes.append(z.shape)
     elif isinstance(z, (int, float, complex)) and not isinstance(z, bool):
-        z = torch.tensor(complex(z), dtype=torch.complex128)  # exact; no grad is needed
-        zn = z.numpy()
+        _check_shift(z)
+        shapes.append(())
     else:
         raise TypeError(f"z must be a Python number or a complex tensor, got {type(z).__name__}")
-    if not np.isfinite(zn).all():
-        raise ValueError("z contains NaN or Inf")
-    if not (zn.imag > 0).all():
-        raise ValueError(f"z must have Im z > 0 (the resolvent is taken in the upper half "
-                         f"plane), got min Im z = {zn.imag.min()}")
+    batch = shapes[0]
+    if all(s == batch or not s for s in shapes):
+        return tuple(batch), cdtype
     try:
-        batch = torch.Size(
-            np.broadcast_shapes(a.shape[:-1], b.shape[:-1], c.shape[:-1], z.shape))
+        return np.broadcast_shapes(*shapes), cdtype
     except ValueError as err:
-        raise ValueError(f"batch shapes do not broadcast: a {tuple(a.shape[:-1])}, "
-                         f"b {tuple(b.shape[:-1])}, c {tuple(c.shape[:-1])}, "
-                         f"z {tuple(z.shape)}") from err
-    return batch, z, cdtype
+        raise ValueError("batch shapes do not broadcast: " + ", ".join(
+            f"{name} {tuple(shape)}" for name, shape in zip("abcz", shapes, strict=True))
+        ) from err
 
 
-def _check_finite(a, b, c):
+def _check_shift(z: complex | torch.Tensor) -> None:
+    if isinstance(z, torch.Tensor):
+        zn = z.numpy(force=True)
+        finite, positive = np.isfinite(zn).all(), (zn.imag > 0).all()
+    else:
+        finite, positive = cmath.isfinite(z), complex(z).imag > 0
+    if not finite:
+        raise ValueError("z contains NaN or Inf")
+    if not positive:
+        low = zn.imag.min() if isinstance(z, torch.Tensor) else complex(z).imag
+        raise ValueError(f"z must have Im z > 0 (the resolvent is taken in the upper half "
+                         f"plane), got min Im z = {low}")
+
+
+def _check_finite(a, b, c) -> None:
     for name, t in (("a", a), ("b", b), ("c", c)):
-        if not bool(torch.isfinite(t).all()):
+        if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf; all inputs must be finite")
 
 
-def _rows(t: torch.Tensor, batch: torch.Size) -> np.ndarray:
-    """`t` as a C-contiguous (prod(batch), t.shape[-1]) numpy array; copies only if needed."""
-    t = t.detach()
-    if t.shape[:-1] != batch:
-        t = t.expand(*batch, t.shape[-1])
-    return t.reshape(batch.numel(), t.shape[-1]).contiguous().numpy()
+class _Plan(NamedTuple):
+    """How a call maps onto the kernels: rows p Q + q of (P, M, Q) arrays (see Layout)."""
+
+    batch: tuple[int, ...]
+    n: int
+    inner: bool  # Q is the last batch axis (stored inside the positions), else Q = 1
+    p: int
+    q: int
+    k: float  # b c for couplings given as numbers (b, c are then None)
+    causal: bool
+    dtype: torch.dtype
+    cdtype: torch.dtype
+
+
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.complex64: np.complex64,
+          torch.complex128: np.complex128}
+
+
+def _plan(a, batch, k, causal, cdtype) -> _Plan:
+    n = a.shape[-1]
+    inner = (len(batch) > 0 and batch[-1] > 1 and n > 1 and a.shape[:-1] == batch
+             and a.stride(-1) > a.stride(-2))
+    q = batch[-1] if inner else 1
+    return _Plan(batch, n, inner, math.prod(batch) // q, q, k, causal, a.dtype, cdtype)
+
+
+def _blocks(t: torch.Tensor, plan: _Plan, m: int) -> np.ndarray:
+    """t (..., m) broadcast to the batch, as a (P, m, Q) array: a view if the strides allow."""
+    x = t.numpy(force=True)
+    if x.shape[:-1] != plan.batch:
+        x = np.broadcast_to(x, (*plan.batch, m))
+    return (x.swapaxes(-1, -2) if plan.inner else x).reshape(plan.p, m, plan.q)
+
+
+def _shift_blocks(z: complex | torch.Tensor, plan: _Plan) -> np.ndarray:
+    """z as a (P or 1, Q or 1) array (the kernel broadcasts a length-1 axis)."""
+    if not isinstance(z, torch.Tensor):
+        return np.array([[z]], dtype=np.complex128)
+    x = z.numpy(force=True)
+    if x.size == 1:
+        return x.reshape(1, 1)
+    if x.shape == plan.batch:
+        return x.reshape(plan.p, plan.q)
+    if plan.inner and x.shape == plan.batch[-1:]:
+        return x.reshape(1, plan.q)
+    return np.broadcast_to(x, plan.batch).reshape(plan.p, plan.q)
+
+
+def _empty(plan: _Plan, m: int, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """A new (*batch, m) tensor stored with the rows' layout, and its (P, m, Q) numpy view."""
+    x = np.empty((plan.p, m, plan.q), dtype=_NUMPY[dtype])
+    if plan.inner:
+        return torch.from_numpy(x.reshape(*plan.batch[:-1], m, plan.q).swapaxes(-1, -2)), x
+    return torch.from_numpy(x.reshape(*plan.batch, m)), x
 
 
 def _sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -273,57 +529,79 @@ def _sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return g.sum(dim=dims, keepdim=True) if dims else g
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, ...]) -> np.ndarray:
+    """A float64 work array that is not kept after the call: the thread's next call reuses it,
+    so that large calls do not map (and fault in) fresh pages every time."""
+    size = math.prod(shape)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < size:
+        buf = _SCRATCH.buf = np.empty(size)
+    return buf[:size].reshape(shape)
+
+
+def _run_forward(plan: _Plan, a, b, c, z, keep: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """The result tensor and the workspace the backward pass reads (if `keep`)."""
+    n, rows = plan.n, plan.p * plan.q
+    out, out_view = _empty(plan, n, plan.cdtype)
+    if plan.causal:  # the causal pass needs only a tile of each column unless kept
+        shape = (4, n if keep or b is not None else min(n, _TILE), rows)
+    else:
+        shape = (8, n, rows)
+    cols = np.empty(shape) if keep else _scratch(shape)
+    couplings = (None, None) if b is None else (_blocks(b, plan, n - 1), _blocks(c, plan, n - 1))
+    status = _forward(_blocks(a, plan, n), *couplings, plan.k, _shift_blocks(z, plan),
+                      plan.causal, cols, out_view)
+    if status == 1:
+        _check_shift(z)
+    if status == 2:  # a non-finite input (raises ValueError here) or a singular block
+        _check_finite(a, b, c)
+        raise FloatingPointError(
+            "resolvent_diag produced a non-finite value: a leading or trailing block of "
+            "T - zI is (numerically) singular, which needs some b_k * c_k < 0, or b * c "
+            "overflowed")
+    return out, cols
+
+
 class _ResolventDiag(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, c, z, batch, cdtype, causal):
-        n = a.shape[-1]
-        a_, b_, c_ = (_rows(t, batch) for t in (a, b, c))
-        z_ = _rows(z.to(torch.complex128).unsqueeze(-1), batch)[:, 0]
-        out = np.empty(a_.shape, dtype=np.complex128)
-        if causal:
-            ok = _causal_fwd(a_, b_, c_, z_, out, _block(n))
-            saved = (out,)
-        else:
-            gl, gr = np.empty_like(out), np.empty_like(out)
-            ok = _full_fwd(a_, b_, c_, z_, gl, gr, out, _block(n))
-            saved = (gl, gr, out)
-        if not ok:  # a non-finite input (raises ValueError here) or a singular block
-            _check_finite(a, b, c)
-            raise FloatingPointError(
-                "resolvent_diag produced a non-finite value: a leading or trailing block of "
-                "T - zI is (numerically) singular, which needs some b_k * c_k < 0, or b * c "
-                "overflowed")
-        # The result is the saved G itself for complex128 (not a view of it): an in-place
-        # change of it then makes backward raise instead of using the changed values.
-        result = torch.from_numpy(out.reshape(*batch, n))
-        ctx.save_for_backward(b, c, *(torch.from_numpy(t) for t in saved[:-1]), result)
-        ctx.meta = (a.shape, z.shape, batch, causal)
-        return result.to(cdtype)
+    def forward(ctx, a, b, c, z, plan):
+        out, ctx.cols = _run_forward(plan, a, b, c, z, keep=True)
+        ctx.plan = plan
+        ctx.shapes = (a.shape, None if b is None else b.shape, None if c is None else c.shape,
+                      z.shape if isinstance(z, torch.Tensor) else None)
+        # The result is saved although backward reads the workspace instead: changing it in
+        # place then makes backward raise, rather than differentiate values it did not make.
+        ctx.save_for_backward(b, c, out)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        b, c, *saved = ctx.saved_tensors
-        a_shape, z_shape, batch, causal = ctx.meta
-        n = a_shape[-1]
-        grad = grad_out.to(torch.complex128).reshape(-1, n).contiguous().numpy()
-        ha = np.empty((grad.shape[0], n), dtype=np.complex128)
-        gbc = np.empty((grad.shape[0], n - 1))
-        kernel = _causal_bwd if causal else _full_bwd
-        saved = (t.reshape(-1, n).numpy() for t in saved)
-        kernel(grad, _rows(b, batch), _rows(c, batch), *saved, ha, gbc, _block(n))
-        ha = torch.from_numpy(ha).reshape(*batch, n)
-        gbc = torch.from_numpy(gbc).reshape(*batch, n - 1)
-        grads = [None] * 4
-        if ctx.needs_input_grad[0]:
-            grads[0] = _sum_to(ha.real, a_shape).to(b.dtype)
-        if ctx.needs_input_grad[1]:
-            grads[1] = _sum_to(gbc * c, b.shape).to(b.dtype)
-        if ctx.needs_input_grad[2]:
-            grads[2] = _sum_to(gbc * b, c.shape).to(c.dtype)
+        plan, cols = ctx.plan, ctx.cols
+        b, c, _ = ctx.saved_tensors
+        n, rows = plan.n, plan.p * plan.q
+        full = torch.Size((*plan.batch, n))
+        grads, views = [None] * 4, [None] * 3
+        for i, (shape, m) in enumerate(zip(ctx.shapes[:3], (n, n - 1, n - 1), strict=True)):
+            if ctx.needs_input_grad[i]:
+                exact = shape == full[:-1] + (m,)
+                grads[i], views[i] = _empty(plan, m, plan.dtype if exact else torch.float64)
+        gz = np.empty(rows, dtype=np.complex128)
+        work = _scratch((3 if plan.causal else 7, n, rows))
+        couplings = (None, None) if b is None else (_blocks(b, plan, n - 1),
+                                                    _blocks(c, plan, n - 1))
+        _backward(_blocks(grad_out, plan, n), *couplings, plan.k, plan.causal, cols, work,
+                  *views, gz)
+        for i, shape in enumerate(ctx.shapes[:3]):
+            if grads[i] is not None:
+                grads[i] = _sum_to(grads[i], shape).to(plan.dtype)
         if ctx.needs_input_grad[3]:
-            grads[3] = _sum_to(-ha.sum(-1).conj(), z_shape).to(_COMPLEX[b.dtype])
-        return (*grads, None, None, None)
+            gz = torch.from_numpy(gz).view(plan.batch)
+            grads[3] = _sum_to(gz, ctx.shapes[3]).to(plan.cdtype)
+        return (*grads, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,10 +609,21 @@ class _ResolventDiag(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
+def _couplings(a, b, c):
+    """(b, c, k): numbers b and c become their product k (in a's precision, as if they were
+    tensors full of them) and None; one number beside a tensor becomes a tensor."""
+    if _is_number(b) and _is_number(c):
+        cast = np.float32 if a.dtype == torch.float32 else np.float64
+        return None, None, float(cast(b)) * float(cast(c))
+    b, c = (t if isinstance(t, torch.Tensor) else a.new_full((a.shape[-1] - 1,), t)
+            for t in (b, c))
+    return b, c, 0.0
+
+
 def resolvent_diag(
     a: torch.Tensor,
-    b: torch.Tensor,
-    c: torch.Tensor,
+    b: torch.Tensor | float,
+    c: torch.Tensor | float,
     z: complex | torch.Tensor,
     *,
     causal: bool = False,
@@ -343,20 +632,29 @@ def resolvent_diag(
     ``causal=True`` the causal diagonal g_i of eq. (1).
 
     a: (..., N) diagonal; b: (..., N-1) super-diagonal; c: (..., N-1) sub-diagonal; all float32
-    or all float64. z: Python number or complex tensor (complex64 for float32, complex128 for
-    float64) with Im z > 0, broadcastable to the batch shape (...). The batch dims of a, b, c, z
-    broadcast together. Returns (..., N) complex64 for float32 inputs, complex128 for float64.
-    Differentiable (once) w.r.t. a, b, c and a tensor z. Raises TypeError/ValueError on invalid
-    input and FloatingPointError if a leading/trailing block is singular.
+    or all float64. b and c may also be Python numbers: the same coupling at every position
+    (taken in a's precision, exactly as a tensor full of it; no gradient). z: Python number or
+    complex tensor (complex64 for float32, complex128 for float64) with Im z > 0,
+    broadcastable to the batch shape (...). The batch dims of a, b, c, z broadcast together.
+    Returns (..., N) complex64 for float32 inputs, complex128 for float64, stored like a (an
+    ``a`` that is a transposed view, positions outside its last batch axis, gives a result
+    stored the same way). Differentiable (once) w.r.t. tensors a, b, c, z. Raises
+    TypeError/ValueError on invalid input and FloatingPointError if a leading/trailing block
+    is singular.
     """
-    batch, z, cdtype = _check(a, b, c, z)
-    return _ResolventDiag.apply(a, b, c, z, batch, cdtype, causal)
+    batch, cdtype = _check(a, b, c, z)
+    b, c, k = _couplings(a, b, c)
+    plan = _plan(a, batch, k, causal, cdtype)
+    if torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in (a, b, c, z)):
+        return _ResolventDiag.apply(a, b, c, z, plan)
+    return _run_forward(plan, a, b, c, z, keep=False)[0]
 
 
 def resolvent_diag_loop(
     a: torch.Tensor,
-    b: torch.Tensor,
-    c: torch.Tensor,
+    b: torch.Tensor | float,
+    c: torch.Tensor | float,
     z: complex | torch.Tensor,
     *,
     causal: bool = True,
@@ -364,8 +662,14 @@ def resolvent_diag_loop(
     """Reference for :func:`resolvent_diag`: eqs. (1)-(3) as a Python loop over positions of
     batched torch ops (complex128 internally), differentiable by autograd. Same arguments,
     validation and output dtype; slow."""
-    batch, z, cdtype = _check(a, b, c, z)
+    batch, cdtype = _check(a, b, c, z)
+    if isinstance(z, torch.Tensor):
+        _check_shift(z)
+    else:
+        z = torch.tensor(complex(z), dtype=torch.complex128)  # exact; no grad is needed
     _check_finite(a, b, c)
+    b, c = (t if isinstance(t, torch.Tensor) else a.new_full((a.shape[-1] - 1,), t)
+            for t in (b, c))
     a, z = a.to(torch.complex128), z.to(torch.complex128)
     bc = (b.double() * c.double()).to(torch.complex128)
     n = a.shape[-1]

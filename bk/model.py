@@ -162,10 +162,9 @@ class BKBlock(nn.Module):
 
     def resolvent(self, v: torch.Tensor) -> torch.Tensor:
         """Causal resolvent diagonal for potentials ``v`` ``(B, N, C)``; returns ``(B, N, C)``."""
-        a = (H0_DIAGONAL + v).transpose(1, 2)  # (B, C, N)
-        couplings = a.new_full((a.shape[-1] - 1,), H0_COUPLING).expand(*a.shape[:-1], -1)
-        g = resolvent_diag(a, couplings, couplings, self.shift(), causal=True)
-        return g.transpose(1, 2)
+        a = (H0_DIAGONAL + v).transpose(1, 2)  # (B, C, N), a view: read in place
+        g = resolvent_diag(a, H0_COUPLING, H0_COUPLING, self.shift(), causal=True)
+        return g.transpose(1, 2)  # stored like a: contiguous (B, N, C)
 
     def mix(self, g: torch.Tensor) -> torch.Tensor:
         return self.readout(torch.cat([g.real, g.imag], dim=-1))

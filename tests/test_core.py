@@ -11,6 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench import reference_kernel
 from bk.core import causal_step, resolvent_diag, resolvent_diag_loop
 
 F64, C128 = torch.float64, torch.complex128
@@ -391,6 +392,10 @@ BAD_INPUTS = [
      "z must be a complex tensor"),
     ("z of a wrong type", replaced(z="1j"), TypeError, "z must be a Python number"),
     ("list a", replaced(a=[0.0, 0.0, 0.0, 0.0]), TypeError, "a must be a torch.Tensor"),
+    ("string b", replaced(b="1"), TypeError, "b must be a torch.Tensor or a real number, got str"),
+    ("bool c", replaced(c=True), TypeError, "c must be a torch.Tensor or a real number"),
+    ("inf number c", replaced(c=float("inf")), ValueError, "c must be finite, got inf"),
+    ("nan number b", replaced(b=float("nan"), c=1.0), ValueError, "b must be finite"),
 ]
 
 
@@ -430,3 +435,137 @@ def test_an_empty_batch_gives_an_empty_result_and_gradient(causal):
     assert g.shape == (0, 5)
     grads = torch.autograd.grad(g.real.sum(), [a, b, c, z])
     assert [t.shape for t in grads] == [(0, 5), (0, 4), (0, 4), (0,)]
+
+
+# ----------------------------------------------------------------------- numbers as couplings
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@given(p=problems, n=st.integers(1, 60), data=st.data())
+def test_number_couplings_equal_tensors_full_of_them_and_the_dense_oracle(causal, p, n, data):
+    a, _, _, z = layout_problem(p["seed"], p["layout"], n, p["signs"])
+    if p["signs"] == "positive":
+        b, c = (data.draw(st.floats(0.2, 1.5)) for _ in range(2))
+    else:
+        b, c = (data.draw(st.floats(-0.35, 0.35)) for _ in range(2))
+    g = resolvent_diag(a, b, c, z, causal=causal)
+    bt, ct = (torch.full((n - 1,), x, dtype=F64) for x in (b, c))
+    assert torch.equal(g, resolvent_diag(a, bt, ct, z, causal=causal))
+    torch.testing.assert_close(g, dense_diag(a, bt, ct, z, causal), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_float32_number_couplings_are_rounded_like_float32_tensors(causal):
+    a, _, _, z = random_problem(16, (3,), 20, dtype=torch.float32)
+    full = (torch.full((19,), x, dtype=torch.float32) for x in (0.1, 0.3))
+    assert torch.equal(resolvent_diag(a, 0.1, 0.3, z, causal=causal),
+                       resolvent_diag(a, *full, z, causal=causal))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradcheck_with_number_couplings(causal):
+    for n in (1, 2, 9):
+        a, _, _, z = random_problem(17 + n, (2, 3), n, signs="mixed", z_shape=(3,))
+        inputs = [a.requires_grad_(), z.requires_grad_()]
+        assert torch.autograd.gradcheck(
+            lambda a, z: resolvent_diag(a, 0.3, -0.2, z, causal=causal), inputs)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@given(p=problems, n=st.integers(1, 30), seed=st.integers(0, 2**31 - 1))
+def test_number_coupling_gradients_match_autograd_through_the_loop(causal, p, n, seed):
+    a, _, _, z = layout_problem(p["seed"], p["layout"], n, p["signs"])
+    ours = [a.requires_grad_(), z.requires_grad_()]
+    ref = [t.detach().clone().requires_grad_() for t in ours]
+    g = resolvent_diag(ours[0], 0.25, 0.5, ours[1], causal=causal)
+    w = upstream(g.shape, seed)
+    expected = torch.autograd.grad(resolvent_diag_loop(ref[0], 0.25, 0.5, ref[1], causal=causal),
+                                   ref, w)
+    for got, want in zip(torch.autograd.grad(g, ours, w), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------- layouts
+# The kernels run with rows in SIMD lanes and copy positions in tiles of 8: row counts that are
+# not a multiple of the vector width, a single row, N of 1 and 2, N not a multiple of the tile,
+# and the model's transposed view (positions outside the last batch axis) are checked against
+# the dense oracle, forward and backward.
+
+EDGE_SHAPES = [(1, 1), (1, 2), (1, 9), (3, 1), (3, 2), (3, 17), (5, 8), (7, 16), (9, 33),
+               (13, 2)]
+
+
+def edge_problem(batch, channels, n, transposed, dtype=F64):
+    """a (batch, channels, n): contiguous, or the transposed view of a (batch, n, channels)
+    tensor as the model passes it; z per channel."""
+    gen = torch.Generator().manual_seed(100 * n + channels)
+    if transposed:
+        a = (2 * torch.randn(batch, n, channels, generator=gen, dtype=F64)).transpose(1, 2)
+    else:
+        a = 2 * torch.randn(batch, channels, n, generator=gen, dtype=F64)
+    z = torch.complex(torch.randn(channels, generator=gen, dtype=F64),
+                      0.3 + torch.rand(channels, generator=gen, dtype=F64))
+    return a.to(dtype), z.to(C128 if dtype == F64 else torch.complex64)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("couplings", ["numbers", "tensors"])
+@pytest.mark.parametrize(("channels", "n"), EDGE_SHAPES)
+def test_edge_layouts_match_the_dense_oracle_forward_and_backward(causal, transposed, couplings,
+                                                                   channels, n):
+    a, z = edge_problem(2, channels, n, transposed)
+    gen = torch.Generator().manual_seed(n)
+    if couplings == "numbers":
+        b, c = 0.8, 1.1
+        bt, ct = torch.full((n - 1,), b, dtype=F64), torch.full((n - 1,), c, dtype=F64)
+    else:
+        b = bt = 0.2 + torch.rand(2, channels, n - 1, generator=gen, dtype=F64)
+        c = ct = 0.2 + torch.rand(2, channels, n - 1, generator=gen, dtype=F64)
+    a.requires_grad_()
+    g = resolvent_diag(a, b, c, z, causal=causal)
+    torch.testing.assert_close(g, dense_diag(a.detach(), bt, ct, z, causal), rtol=1e-9,
+                               atol=1e-12)
+    w = upstream(g.shape, n)
+    (got,) = torch.autograd.grad(g, [a], w)
+    ref = a.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(resolvent_diag_loop(ref, bt, ct, z, causal=causal), [ref], w)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_result_and_the_gradient_are_stored_like_a(causal):
+    a, z = edge_problem(3, 4, 20, transposed=True)
+    a.requires_grad_()
+    g = resolvent_diag(a, 1.0, 1.0, z, causal=causal)
+    assert g.transpose(1, 2).is_contiguous()  # like a: positions outside the channels
+    (ga,) = torch.autograd.grad(g.real.sum(), [a])
+    assert ga.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(g, resolvent_diag(a.detach().contiguous(), 1.0, 1.0, z,
+                                                 causal=causal), rtol=0, atol=0)
+
+
+# -------------------------------------------------------------------------- reference kernel
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("rows", "n"), [(1, 1), (3, 2), (8, 300), (13, 64)])
+def test_the_benchmark_reference_kernel_agrees_with_resolvent_diag(causal, rows, n):
+    """bench/reference_kernel.py is the comparator of the asv ratios: same values and
+    gradients, so that timing it against resolvent_diag compares equal work."""
+    a, b, c, z = random_problem(30 + n, (rows,), n, signs="mixed")
+    w = upstream((rows, n), 31)
+    problem = reference_kernel.Problem.from_torch(a, b, c, z)
+    ours = [t.requires_grad_() for t in (a, b, c, z)]
+    g = resolvent_diag(*ours, causal=causal)
+    grads = torch.autograd.grad(g, ours, w)
+    gr, gi, *_ = reference_kernel.forward(problem, causal)
+    torch.testing.assert_close(torch.complex(torch.from_numpy(gr.T), torch.from_numpy(gi.T)),
+                               g.detach(), rtol=1e-10, atol=0)
+    columns = (np.ascontiguousarray(x.numpy().T) for x in (w.real, w.imag))
+    ga, gb, gc, gzr, gzi = reference_kernel.forward_backward(problem, *columns, causal)
+    for got, want in zip((ga.T, gb.T, gc.T), grads[:3], strict=True):
+        torch.testing.assert_close(torch.from_numpy(np.ascontiguousarray(got)), want,
+                                   rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(torch.complex(torch.from_numpy(gzr), torch.from_numpy(gzi)),
+                               grads[3], rtol=1e-10, atol=1e-14)
