@@ -18,9 +18,12 @@ Two kinds of subsets:
   only); rows of a sequence with fewer than ``k`` selected positions are padding, which gathers
   row 0 and is written to a scratch row that is dropped, so it never changes a result.
 
+:func:`run_block` runs a ResNet-BK block on a subset of a sequence's tokens; :func:`step_block`
+is the same for one position, for state-cached decoding.
+
 Invariants (tests/test_skip.py): where a row runs, the result equals the dense computation of
 that row; elsewhere the input passes through unchanged; gradients reach the work only through the
-rows that ran.
+rows that ran; stepping positions with ``step_block`` computes what ``run_block`` computes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from bk.core import causal_step
+from bk.model import H0_COUPLING, H0_DIAGONAL
 
 
 @dataclass(frozen=True)
@@ -130,8 +136,8 @@ def carry_previous(values: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
 
 
 def run_block(block: nn.Module, x: torch.Tensor, subset: Subset, *, fill: str = "zero",
-              readout: str = "ran", gate: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              readout: str = "ran", gate: torch.Tensor | None = None,
+              scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A ResNet-BK block (``bk.model.BKBlock``) on ``x`` ``(B, N, d)`` whose per-token work
     (norm, mixture of experts, potential) runs only on the rows of ``subset`` (flat ``B * N``).
 
@@ -141,12 +147,16 @@ def run_block(block: nn.Module, x: torch.Tensor, subset: Subset, *, fill: str = 
     read-out is added to the residual stream: ``"ran"`` (skipped rows pass through unchanged) or
     ``"all"``. ``gate`` ``(subset.size,)``, 1 in value on real rows, multiplies their feed-forward
     output and mixes their potential with the fill (``gate v + (1 - gate) fill``): the path of a
-    straight-through decision gradient. Returns (new x, the MoE balance loss of the rows that
-    ran).
+    straight-through decision gradient. ``scale`` ``(subset.size,)`` multiplies the whole update
+    (feed-forward plus read-out) of each row that ran, as in Mixture-of-Depths' ``x + r f(x)``
+    (readout ``"ran"`` only). Returns (new x, the MoE balance loss of the rows that ran).
     """
     if fill not in ("zero", "carry") or readout not in ("ran", "all"):
         raise ValueError(f"fill must be 'zero' or 'carry' and readout 'ran' or 'all', got "
                          f"{fill!r}, {readout!r}")
+    if scale is not None and readout != "ran":
+        raise ValueError("scale multiplies the update of the rows that ran: it needs readout "
+                         "'ran'")
     b, n, d = x.shape
     flat = x.reshape(b * n, d)
     f, v, balance = block.token_work(subset.gather(flat))
@@ -168,5 +178,22 @@ def run_block(block: nn.Module, x: torch.Tensor, subset: Subset, *, fill: str = 
         out = subset.add(flat, f) + block.mix(g_diag).reshape(b * n, d)
     else:
         rows = subset.gather(g_diag.reshape(b * n, channels))
-        out = subset.add(flat, f + block.mix(rows))
+        out = subset.add(flat, _scaled(f + block.mix(rows), scale))
     return out.view(b, n, d), balance
+
+
+def step_block(block: nn.Module, x: torch.Tensor, subset: Subset, g_prev: torch.Tensor | None,
+               *, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One position of :func:`run_block` (``fill="zero"``, ``readout="ran"``) for state-cached
+    decoding: ``x`` ``(B, d)`` holds one position of every sequence and ``subset`` its rows that
+    run. The recurrence advances for every row, with potential 0 where the row does not run, so
+    stepping positions in order computes what ``run_block`` computes on the whole sequence.
+    Returns (new x, this position's resolvent value ``(B, C)``, the state for the next one)."""
+    f, v, _ = block.token_work(subset.gather(x))
+    potentials = subset.scatter(v.new_zeros(x.shape[0], v.shape[-1]), v)
+    g = causal_step(H0_DIAGONAL + potentials, H0_COUPLING * H0_COUPLING, block.shift(), g_prev)
+    return subset.add(x, _scaled(f + block.mix(subset.gather(g)), scale)), g
+
+
+def _scaled(update: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return update if scale is None else update * scale[:, None]

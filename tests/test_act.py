@@ -6,13 +6,15 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch.func import functional_call
 
 from bench.registry import get
 from bk.adaptive.act import ACTLanguageModel, halting
+from bk.adaptive.depth import forced_depths
 from bk.model import LanguageModel, ModelConfig
+from bk.technique import Forcing, KnobError
 
 CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=16, n_experts=2, d_expert=16,
                   bk_channels=2)
@@ -163,7 +165,8 @@ def act_model(threshold: float = 0.9, cfg: ModelConfig = CFG, ponder_weight: flo
               seed: int = 0) -> ACTLanguageModel:
     """A float64 model whose halting units vary per token, so tokens halt at different layers."""
     torch.manual_seed(seed)
-    model = ACTLanguageModel(cfg, threshold, ponder_weight).double().eval()
+    model = ACTLanguageModel(cfg, act_threshold=threshold, act_lambda=ponder_weight)
+    model = model.double().eval()
     with torch.no_grad():
         for unit in model.halting_units:
             unit.weight.normal_(0, 0.5)
@@ -181,7 +184,7 @@ def masked_dense_reference(model: ACTLanguageModel, idx: torch.Tensor):
     cumulative = x.new_zeros(b, n)
     states, probs = [], []
     for layer, block in enumerate(model.blocks):
-        running = (cumulative < model.threshold).to(x.dtype)
+        running = (cumulative < model.act_threshold).to(x.dtype)
         h = block.norm(x)
         f, _ = block.moe(h.reshape(b * n, -1))
         v = block.potential(h) * running[..., None]
@@ -193,9 +196,9 @@ def masked_dense_reference(model: ACTLanguageModel, idx: torch.Tensor):
             p = torch.ones_like(cumulative)  # the cap: every running token halts here
         probs.append(p)
         cumulative = cumulative + p
-    weights, n_steps, remainder = halting(torch.stack(probs), model.threshold)
+    weights, n_steps, remainder = halting(torch.stack(probs), model.act_threshold)
     output = (weights[..., None] * torch.stack(states)).sum(0)
-    return model.head(model.norm(output)), n_steps, remainder
+    return model.head(model.norm(output)), n_steps, remainder, states, probs
 
 
 @st.composite
@@ -213,10 +216,10 @@ model_threshold = st.sampled_from([0.3, 0.5, 0.8, 0.9, 0.99, 1.0])
 
 @given(token_batches(), model_threshold)
 def test_gathered_model_equals_the_masked_dense_reference_in_float64(idx, thr):
-    MODEL.threshold = thr
+    MODEL.act_threshold = thr
     with torch.no_grad():
         out = MODEL(idx)
-        logits, n_steps, remainder = masked_dense_reference(MODEL, idx)
+        logits, n_steps, remainder, _, _ = masked_dense_reference(MODEL, idx)
     torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
     assert torch.equal(out.stats["layers_per_token"], n_steps.to(torch.float64))
     torch.testing.assert_close(out.stats["ponder_cost"], n_steps + remainder, rtol=0, atol=1e-12)
@@ -229,7 +232,7 @@ def test_loss_is_cross_entropy_plus_lambda_times_mean_ponder_cost(idx, thr):
     targets = idx.roll(1, dims=1)
     with torch.no_grad():
         out = model(idx, targets)
-        logits, n_steps, remainder = masked_dense_reference(model, idx)
+        logits, n_steps, remainder, _, _ = masked_dense_reference(model, idx)
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, CFG.vocab_size), targets.reshape(-1))
     torch.testing.assert_close(out.ce, ce, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out.loss, ce + 0.3 * (n_steps + remainder).mean(),
@@ -238,7 +241,7 @@ def test_loss_is_cross_entropy_plus_lambda_times_mean_ponder_cost(idx, thr):
 
 @given(token_batches(min_batch=2), model_threshold)
 def test_a_sequence_result_does_not_depend_on_the_other_sequences_in_its_batch(idx, thr):
-    MODEL.threshold = thr
+    MODEL.act_threshold = thr
     with torch.no_grad():
         together = MODEL(idx)
         for i in range(idx.shape[0]):
@@ -251,7 +254,7 @@ def test_a_sequence_result_does_not_depend_on_the_other_sequences_in_its_batch(i
 
 @given(token_batches(), model_threshold, st.data())
 def test_perturbing_later_tokens_leaves_earlier_logits_unchanged(idx, thr, data):
-    MODEL.threshold = thr
+    MODEL.act_threshold = thr
     cut = data.draw(st.integers(1, idx.shape[1] - 1))
     changed = idx.clone()
     changed[:, cut:] = (changed[:, cut:] + 1 + data.draw(st.integers(0, 10))) % CFG.vocab_size
@@ -263,7 +266,7 @@ def test_perturbing_later_tokens_leaves_earlier_logits_unchanged(idx, thr, data)
 
 @given(token_batches(), model_threshold)
 def test_work_counted_equals_the_sum_of_layers_per_token(idx, thr):
-    MODEL.threshold = thr
+    MODEL.act_threshold = thr
     with torch.no_grad():
         out = MODEL(idx)
     layers = out.stats["layers_per_token"]
@@ -276,7 +279,7 @@ def test_work_counted_equals_the_sum_of_layers_per_token(idx, thr):
 
 @given(token_batches(), model_threshold)
 def test_halted_tokens_never_enter_later_per_token_work(idx, thr):
-    MODEL.threshold = thr
+    MODEL.act_threshold = thr
     rows: dict[str, list[int]] = {}
 
     def record(name):
@@ -322,17 +325,48 @@ def test_tokens_halting_at_the_first_layer_give_the_one_block_model_and_skip_lat
     assert out.work.positions == idx.numel()
 
 
-def test_decode_steps_match_the_full_forward_pass():
-    model = act_model(0.8)
-    idx = torch.randint(0, CFG.vocab_size, (3, 9), generator=torch.Generator().manual_seed(2))
+MIXED = torch.tensor([[3, 9, 4, 0, 12, 7, 1], [5, 5, 16, 2, 8, 11, 3]])
+
+
+def test_the_fixed_examples_halt_tokens_of_one_position_at_different_layers():
+    # What the decoding example below relies on: at some position one row halts while another
+    # runs on, and every depth occurs.
+    MODEL.act_threshold = 0.8
     with torch.no_grad():
-        full = model(idx).logits
-        state = model.init_state(3)
-        stepped = []
+        layers = MODEL(MIXED).stats["layers_per_token"]
+    assert bool((layers[0] != layers[1]).any())
+    assert set(layers.flatten().tolist()) == {1.0, 2.0, 3.0}
+
+
+@given(token_batches(), model_threshold)
+@example(MIXED, 0.8)
+def test_decode_steps_match_the_full_forward_pass(idx, thr):
+    MODEL.act_threshold = thr
+    with torch.no_grad():
+        full = MODEL(idx).logits
+        state = MODEL.init_state(idx.shape[0])
         for i in range(idx.shape[1]):
-            logits, state = model.step(idx[:, i], state)
-            stepped.append(logits)
-    torch.testing.assert_close(torch.stack(stepped, 1), full, rtol=1e-10, atol=1e-10)
+            logits, state = MODEL.step(idx[:, i], state)
+            torch.testing.assert_close(logits, full[:, i], rtol=1e-10, atol=1e-10)
+
+
+@given(token_batches(), model_threshold)
+@example(MIXED, 0.8)
+def test_ponder_cost_gradient_is_minus_one_through_each_p_before_n_in_float64(idx, thr):
+    # Eq. 13: d(N + R)/dp_n = -1 for n < N, 0 from N on; the chain rule through
+    # p_n = sigmoid(w . x_n + b) gives the gradient of act_lambda * mean(N + R) on unit n.
+    model = act_model(thr, ponder_weight=0.3)
+    units = [p for unit in model.halting_units for p in (unit.weight, unit.bias)]
+    got = torch.autograd.grad(model(idx).aux["ponder"], units, materialize_grads=True)
+    with torch.no_grad():
+        _, n_steps, _, states, probs = masked_dense_reference(model, idx)
+    for unit in range(CFG.n_layers - 1):
+        p, x = probs[unit], states[unit]
+        before = (unit + 1 < n_steps).to(p.dtype)
+        factor = -0.3 / idx.numel() * before * p * (1 - p)  # -1 * dp/dz where n < N
+        torch.testing.assert_close(got[2 * unit], (factor[..., None] * x).sum((0, 1))[None],
+                                   rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(got[2 * unit + 1], factor.sum()[None], rtol=1e-10, atol=1e-14)
 
 
 def test_ponder_gradient_reaches_the_halting_units_and_matches_finite_differences():
@@ -368,21 +402,99 @@ def test_fresh_model_halts_every_token_after_two_layers_at_the_default_threshold
 
 def test_registered_technique_builds_the_act_model_from_its_knobs():
     technique = get("act")
+    assert technique.model is ACTLanguageModel
     knobs = {k.name: k for k in technique.knobs}
     assert knobs["act_threshold"].grid == (0.5, 0.8, 0.9, 0.95, 0.99)
     assert knobs["act_lambda"].grid == (0.001, 0.005, 0.01, 0.05, 0.1)
-    model = technique.make(CFG, {"act_threshold": 0.8, "act_lambda": 0.05})
+    assert technique.defaults() == {"act_threshold": 0.99, "act_lambda": 0.01}
+    model = technique.make(CFG, {"act_threshold": "0.8", "act_lambda": 0.05})
     assert isinstance(model, ACTLanguageModel)
-    assert (model.threshold, model.ponder_weight) == (0.8, 0.05)
+    assert model.knob_values() == {"act_threshold": 0.8, "act_lambda": 0.05}
     assert model.cfg == CFG
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"threshold": 0.0}, "threshold"),
-    ({"threshold": 1.5}, "threshold"),
-    ({"ponder_weight": -0.1}, "ponder weight"),
-    ({"ponder_weight": math.nan}, "ponder weight"),
+    ({"act_threshold": 0.0}, r"knob act_threshold: expected a number in \(0, 1\]"),
+    ({"act_threshold": 1.5}, "knob act_threshold"),
+    ({"act_threshold": math.nan}, "knob act_threshold"),
+    ({"act_threshold": "high"}, "knob act_threshold"),
+    ({"act_lambda": -0.1}, "knob act_lambda"),
+    ({"act_lambda": math.nan}, "knob act_lambda"),
+    ({"act_lambda": True}, "knob act_lambda"),
 ])
-def test_invalid_model_settings_raise_a_clear_error(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_invalid_knobs_raise_an_error_naming_the_knob(kwargs, message):
+    with pytest.raises(KnobError, match=message):
         ACTLanguageModel(CFG, **kwargs)
+    with pytest.raises(KnobError, match=message):
+        ACTLanguageModel.from_knobs(CFG, kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forcing (the ceiling)
+# ---------------------------------------------------------------------------------------------
+
+
+def failing_hooks(modules):
+    def fail(module, args):
+        raise AssertionError(f"{type(module).__name__} ran in a forced model")
+
+    return [m.register_forward_pre_hook(fail) for m in modules]
+
+
+@given(token_batches(), st.floats(0.05, 1.0), st.sampled_from(["uniform", "per_token"]),
+       st.integers(0, 3))
+def test_a_forced_model_runs_the_given_depths_without_halting_units(idx, keep, pattern, seed):
+    forcing = Forcing(keep, pattern, seed)
+    forced = MODEL.forced(forcing)
+    handles = failing_hooks(MODEL.halting_units)
+    try:
+        with torch.no_grad():
+            out = forced(idx)
+    finally:
+        for h in handles:
+            h.remove()
+    depths = forced_depths(forcing, CFG.n_layers, idx.numel()).view(idx.shape)
+    assert torch.equal(out.stats["layers_per_token"], depths.to(torch.float64))
+    assert torch.equal(out.stats["ponder_cost"], depths + 1.0)  # R = 1: p = 0 before the depth
+    assert out.work.token_layers == out.work.expert_calls == int(depths.sum())
+    assert out.work.positions == idx.numel() * int(depths.max())
+    assert MODEL.forcing is None and MODEL.DECODES  # the forced copy leaves the model alone
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_a_forced_depth_equals_units_that_halt_every_token_at_that_depth(depth):
+    # Halting probabilities ~0 before the depth and ~1 at it put the halting weight (to 1e-26)
+    # on the state after that layer: what the forced model outputs.
+    model = act_model(0.99)
+    idx = torch.randint(0, CFG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for layer, unit in enumerate(model.halting_units):
+            unit.weight.zero_()
+            unit.bias.fill_(60.0 if layer + 1 == depth else -60.0)
+        learned = model(idx)
+        forced = model.forced(Forcing(depth / CFG.n_layers))(idx)
+    assert bool((learned.stats["layers_per_token"] == depth).all())
+    torch.testing.assert_close(forced.logits, learned.logits, rtol=1e-12, atol=1e-12)
+    assert forced.work == learned.work
+
+
+def test_a_forced_model_does_not_decode():
+    forced = MODEL.forced(Forcing(0.5))
+    with pytest.raises(NotImplementedError, match="forced"):
+        forced.init_state(2)
+    with pytest.raises(NotImplementedError, match="forced"):
+        forced.step(torch.zeros(2, dtype=torch.int64), MODEL.init_state(2))
+
+
+@given(st.floats(0.01, 1.0), st.integers(1, 8), st.integers(0, 2**16))
+def test_forced_depths_are_whole_layers_at_the_requested_mean_rate(keep, layers, seed):
+    uniform = forced_depths(Forcing(keep), layers, 5)
+    depth = int(uniform[0])
+    assert bool((uniform == depth).all()) and 1 <= depth <= layers
+    assert depth == 1 or abs(depth / layers - keep) <= 1 / (2 * layers)  # nearest whole depth
+    tokens = 20_000
+    drawn = forced_depths(Forcing(keep, "per_token", seed), layers, tokens)
+    assert drawn.dtype == torch.int64 and bool(((drawn >= 1) & (drawn <= layers)).all())
+    spread = 4 * math.sqrt(max(layers - 1, 1) / 4 / tokens)  # 4 sigma of a binomial mean
+    assert abs(float(drawn.double().mean()) - max(1.0, keep * layers)) <= spread
+    assert torch.equal(drawn, forced_depths(Forcing(keep, "per_token", seed), layers, tokens))

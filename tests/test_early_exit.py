@@ -1,14 +1,18 @@
 """Properties of early exit (bk/adaptive/early_exit.py) against float64 oracles."""
 
+import math
+
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bench.registry import get
+from bk.adaptive.depth import forced_depths
 from bk.adaptive.early_exit import EarlyExitLanguageModel
 from bk.core import resolvent_diag_loop
 from bk.model import H0_DIAGONAL, LanguageModel, ModelConfig
+from bk.technique import Forcing, KnobError
 
 CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=16, n_experts=2, d_expert=16,
                   bk_channels=2)
@@ -69,14 +73,14 @@ def masked_reference(model: EarlyExitLanguageModel, idx: torch.Tensor):
 
 
 @given(seeds, token_batches(), min_layers)
-def test_threshold_above_one_reproduces_the_full_model_exactly(seed, idx, min_exit_layer):
-    model = tiny_model(seed, threshold=1.01, min_exit_layer=min_exit_layer, dtype=torch.float32)
-    dense = LanguageModel(CFG).eval()
+def test_threshold_above_one_reproduces_the_full_model(seed, idx, min_exit_layer):
+    model = tiny_model(seed, threshold=1.01, min_exit_layer=min_exit_layer)
+    dense = LanguageModel(CFG).double().eval()
     dense.load_state_dict(model.state_dict(), strict=False)
     with torch.no_grad():
         out, full = model(idx, idx), dense(idx, idx)
-    assert torch.equal(out.logits, full.logits)
-    assert torch.equal(out.ce, full.ce)
+    torch.testing.assert_close(out.logits, full.logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.loss, full.loss, rtol=1e-12, atol=1e-12)
     assert out.work == full.work
     assert bool((out.stats["exit_layer"] == LAYERS).all())
 
@@ -118,15 +122,8 @@ def test_work_counts_exactly_the_token_layers_and_positions_that_ran(seed, idx, 
     exit_layer = out.stats["exit_layer"].long()
     assert out.work.token_layers == int(exit_layer.sum())
     assert out.work.expert_calls == out.work.token_layers
-    # Layer l visits, in each sequence with a token still running at l, the positions up to
-    # the last running one of the batch.
-    positions = 0
-    for layer in range(1, LAYERS + 1):
-        running = exit_layer >= layer
-        if running.any():
-            last = int(running.any(0).nonzero().max()) + 1
-            positions += int(running.any(1).sum()) * last
-    assert out.work.positions == positions
+    # A layer's recurrence visits every position as long as one token of the batch runs it.
+    assert out.work.positions == idx.numel() * int(exit_layer.max())
 
 
 @given(seeds, token_batches(max_batch=4), thresholds, min_layers)
@@ -203,7 +200,22 @@ def test_with_sequence_mixing_a_token_can_exit_later_when_the_threshold_loosens(
     assert float(loose.mean()) <= float(strict.mean())
 
 
+# Seed 2 at threshold 0.7 on these tokens: at every position the rows of the batch exit at
+# different layers (checked below), the case where only some rows' state must be frozen.
+MIXED_SEED, MIXED_THRESHOLD = 2, 0.7
+MIXED = torch.randint(0, CFG.vocab_size, (3, 6), generator=torch.Generator().manual_seed(2))
+
+
+def test_the_fixed_example_exits_rows_of_every_position_at_different_layers():
+    with torch.no_grad():
+        exit_layer = tiny_model(MIXED_SEED, MIXED_THRESHOLD)(MIXED).stats["exit_layer"]
+    for position in range(MIXED.shape[1]):
+        assert len(set(exit_layer[:, position].tolist())) >= 2, position
+    assert set(exit_layer.flatten().tolist()) == {1.0, 2.0, 3.0}
+
+
 @given(seeds, token_batches(max_len=8), thresholds, min_layers)
+@example(MIXED_SEED, MIXED, MIXED_THRESHOLD, 1)
 def test_step_by_step_decoding_matches_the_forward_pass(seed, idx, threshold, min_exit_layer):
     model = tiny_model(seed, threshold, min_exit_layer)
     with torch.no_grad():
@@ -246,26 +258,90 @@ def test_dense_weights_load_leaving_only_the_exit_norms_new():
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"exit_threshold": float("nan")}, "exit_threshold"),
-    ({"exit_threshold": -0.1}, "exit_threshold"),
-    ({"min_exit_layer": 0}, "min_exit_layer"),
-    ({"min_exit_layer": LAYERS + 1}, "min_exit_layer"),
-    ({"exit_loss_weight": -1.0}, "exit_loss_weight"),
+    ({"exit_threshold": float("nan")}, "knob exit_threshold"),
+    ({"exit_threshold": -0.1}, "knob exit_threshold"),
+    ({"exit_threshold": "high"}, "knob exit_threshold"),
+    ({"min_exit_layer": 0}, "knob min_exit_layer"),
+    ({"min_exit_layer": 2.5}, "knob min_exit_layer: expected an integer"),
+    ({"min_exit_layer": LAYERS + 1}, r"knob min_exit_layer: expected an integer in \[1, n_layers"),
+    ({"exit_loss_weight": -1.0}, "knob exit_loss_weight"),
+    ({"exit_loss_weight": math.inf}, "knob exit_loss_weight"),
 ])
-def test_bad_settings_are_rejected_with_a_clear_error(settings, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_knobs_are_rejected_with_an_error_naming_the_knob(settings, message):
+    with pytest.raises(KnobError, match=message):
         EarlyExitLanguageModel(CFG, **settings)
+    with pytest.raises(KnobError, match=message):
+        EarlyExitLanguageModel.from_knobs(CFG, settings)
 
 
 def test_a_threshold_set_to_nan_after_construction_is_rejected_at_forward():
     model = tiny_model(0)
     model.exit_threshold = float("nan")
-    with pytest.raises(ValueError, match="exit_threshold"):
+    with pytest.raises(KnobError, match="exit_threshold"):
         model(torch.zeros(1, 4, dtype=torch.int64))
 
 
 def test_the_technique_is_registered_with_its_knobs():
     technique = get("early_exit")
-    assert technique.defaults() == {"exit_threshold": 0.9, "min_exit_layer": 1}
-    model = technique.make(CFG, {"exit_threshold": 0.8})
-    assert isinstance(model, EarlyExitLanguageModel) and model.exit_threshold == 0.8
+    assert technique.model is EarlyExitLanguageModel
+    assert technique.defaults() == {"exit_threshold": 0.9, "min_exit_layer": 1,
+                                    "exit_loss_weight": 1.0}
+    assert technique.model.knob("exit_threshold").grid == (0.7, 0.8, 0.9, 0.95)
+    assert technique.model.knob("min_exit_layer").grid == (1, 2)
+    model = technique.make(CFG, {"exit_threshold": 0.8, "min_exit_layer": "2"})
+    assert isinstance(model, EarlyExitLanguageModel)
+    assert model.knob_values() == {"exit_threshold": 0.8, "min_exit_layer": 2,
+                                   "exit_loss_weight": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Forcing (the ceiling)
+# ---------------------------------------------------------------------------------------------
+
+
+def counting_hooks(modules, rows):
+    return [m.register_forward_hook(
+        lambda module, args, out, i=i: rows.__setitem__(i, rows.get(i, 0) + args[0].shape[0]))
+        for i, m in enumerate(modules)]
+
+
+@given(seeds, token_batches(), st.floats(0.05, 1.0), st.sampled_from(["uniform", "per_token"]),
+       min_layers)
+def test_a_forced_model_exits_at_the_given_depths_computing_no_confidence(
+        seed, idx, keep, pattern, min_exit_layer):
+    model = tiny_model(seed, 0.5, min_exit_layer)
+    forcing = Forcing(keep, pattern, seed)
+    rows: dict[int, int] = {}
+    handles = counting_hooks(model.exit_norms, rows)
+    try:
+        with torch.no_grad():
+            out = model.forced(forcing)(idx)
+    finally:
+        for h in handles:
+            h.remove()
+    depths = forced_depths(forcing, LAYERS, idx.numel()).view(idx.shape)
+    assert torch.equal(out.stats["exit_layer"], depths.to(torch.float64))
+    assert out.work.token_layers == out.work.expert_calls == int(depths.sum())
+    assert out.work.positions == idx.numel() * int(depths.max())
+    # An exit head runs only for the tokens that leave there: it is their output layer.
+    for layer in range(1, LAYERS):
+        assert rows.get(layer - 1, 0) == int((depths == layer).sum()), layer
+    assert model.forcing is None and model.DECODES  # the forced copy leaves the model alone
+
+
+@pytest.mark.parametrize("depth", range(1, LAYERS + 1))
+def test_a_forced_depth_equals_the_learned_exits_when_every_token_exits_there(depth):
+    # Threshold 0 with min_exit_layer = depth exits every token after layer `depth`.
+    model = tiny_model(3, threshold=0.0, min_exit_layer=depth)
+    with torch.no_grad():
+        learned = model(MIXED)
+        forced = model.forced(Forcing(depth / LAYERS))(MIXED)
+    assert bool((learned.stats["exit_layer"] == depth).all())
+    torch.testing.assert_close(forced.logits, learned.logits, rtol=0, atol=0)
+    assert forced.work == learned.work
+
+
+def test_a_forced_model_does_not_decode():
+    forced = tiny_model(0).forced(Forcing(0.5, "per_token"))
+    with pytest.raises(NotImplementedError, match="forced"):
+        forced.init_state(1)

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bk.model import BKBlock
-from bk.skip import Subset, run_block
+from bk.skip import Subset, run_block, step_block
 from tests.tiny import CFG
 
 F64 = torch.float64
@@ -173,3 +173,41 @@ def test_a_straight_through_gate_changes_no_value_and_carries_the_exact_gradient
     (got,) = torch.autograd.grad((out * w).sum(), gate)
     (want,) = torch.autograd.grad((ref * w).sum(), full_gate)
     torch.testing.assert_close(got, want[mask.reshape(-1)], rtol=1e-9, atol=1e-12)
+
+
+@given(masks(max_len=10), kinds, st.integers(1, 10), st.booleans(), st.integers(0, 2**16))
+def test_a_scaled_block_adds_the_scaled_update_to_the_rows_that_ran(mask, kind, k, scaled, seed):
+    k = min(k, mask.shape[1])
+    block, x = block_and_input(seed, *mask.shape)
+    subset = subsets(mask, kind, k)
+    ran = subset.mask().view_as(mask)
+    scale = torch.rand(subset.size, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    out, _ = run_block(block, x, subset, scale=scale if scaled else None)
+    full = subset.scatter(torch.zeros(mask.numel(), dtype=F64), scale).view_as(mask)
+    ref = masked_dense(block, x, ran, "zero", "ran")
+    expected = x + (full[..., None] if scaled else 1) * (ref - x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
+@given(masks(max_len=10), kinds, st.booleans(), st.integers(0, 2**16))
+def test_stepping_positions_with_step_block_computes_what_run_block_computes(mask, kind, scaled,
+                                                                           seed):
+    # Per position a subset of the batch runs (capacity 1 of the position's own decisions, or
+    # exactly the decided rows): the whole sequence run at once must give the same values.
+    block, x = block_and_input(seed, *mask.shape)
+    b, n = mask.shape
+    scale = 0.5 + torch.rand(b, n, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    whole = Subset.where(mask.reshape(-1))
+    out, _ = run_block(block, x, whole, scale=whole.gather(scale.reshape(-1)) if scaled else None)
+    g = None
+    for i in range(n):
+        subset = subsets(mask[:, i:i + 1], kind, 1)
+        rows = subset.gather(scale[:, i:i + 1].reshape(-1))
+        stepped, g = step_block(block, x[:, i], subset, g, scale=rows if scaled else None)
+        torch.testing.assert_close(stepped, out[:, i], rtol=1e-10, atol=1e-12)
+
+
+def test_a_scale_needs_the_read_out_on_the_rows_that_ran():
+    block, x = block_and_input(0, 1, 3)
+    with pytest.raises(ValueError, match="readout 'ran'"):
+        run_block(block, x, Subset.all(3), readout="all", scale=torch.ones(3, dtype=F64))

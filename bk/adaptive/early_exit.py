@@ -9,15 +9,16 @@ use the final norm and head after layer ``n_layers``.
 Carry rule (the same in training, inference and ``step``). Once a token has exited:
 
 * none of its per-token work runs in later layers (norm, experts, potential, readout, exit
-  heads): running tokens are gathered, computed and scattered back;
+  heads): each layer runs through :func:`bk.skip.run_block` on the running tokens only
+  (``fill="zero"``, ``readout="ran"``);
 * its hidden state is carried unchanged (it is no longer read: its logits are fixed);
 * its potential is held at 0 in later layers, so at its position the BK recurrence
   (bk/core.py eq. (1)) passes through the bare Laplacian H0: ``a_i = -2``. Tokens after it still
   see a well-defined causal prefix.
 
-In each layer the recurrence is run only where it is read: on the sequences that still have a
-running token, up to the last running position (the recurrence is causal, so later positions
-cannot change earlier values).
+A layer's recurrence visits every position of the batch as long as one token runs the layer; a
+layer that no token runs is skipped entirely (``step`` still advances its recurrence, with
+potential 0, for the positions after).
 
 Monotonicity. With the carry rule a running token's hidden state depends on which earlier tokens
 of its sequence have exited (their potentials become 0), so loosening the threshold can change a
@@ -31,33 +32,60 @@ switched off, exits no later when the threshold is lowered.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bk.core import causal_step
-from bk.model import (
-    H0_COUPLING,
-    H0_DIAGONAL,
-    BKBlock,
-    DecodeState,
-    LanguageModel,
-    ModelConfig,
-    ModelOutput,
-    Work,
-)
+from bk.adaptive.depth import forced_copy, forced_depths
+from bk.model import DecodeState, ModelConfig, ModelOutput, Work
+from bk.skip import Subset, run_block, step_block
+from bk.technique import Forcing, Knob, KnobError, TechniqueModel
 
 
-class EarlyExitLanguageModel(LanguageModel):
+@dataclass
+class Exits:
+    """Exit bookkeeping of flat tokens ``(T,)`` while they run the layers."""
+
+    running: torch.Tensor  # (T,) bool, not exited yet
+    exit_layer: torch.Tensor  # (T,) int64, n_layers until the token exits
+    logits: torch.Tensor  # (T, V) the latest exit logits; final once the token has exited
+
+    @classmethod
+    def start(cls, x: torch.Tensor, n_layers: int, vocab_size: int) -> Exits:
+        t = x.shape[0]
+        return cls(torch.ones(t, dtype=torch.bool, device=x.device),
+                   torch.full((t,), n_layers, dtype=torch.int64, device=x.device),
+                   x.new_zeros(t, vocab_size))
+
+
+class EarlyExitLanguageModel(TechniqueModel):
     """The ResNet-BK language model with confidence-based early exit per token.
 
     Parameters shared with :class:`LanguageModel` keep its names; the exit norms are new
     (``exit_norms.{l-1}`` serves the exit after layer ``l``). The training objective adds
     ``exit_loss_weight`` times the mean, over exit layers, of the cross-entropy of the exit
     logits of the tokens that reached that layer, so every exit head is trained.
+
+    Forcing (the ceiling, :meth:`forced`): the skippable unit is a token-layer. The forced model
+    computes no exit confidence; token ``t`` exits after ``D_t`` layers (:func:`bk.adaptive.
+    depth.forced_depths`: ``"uniform"``, every token the same depth ``keep * L`` rounded to whole
+    layers; ``"per_token"``, a random depth per token with mean ``keep * L``), whatever
+    ``min_exit_layer``. Its output logits are those of its exit head at ``D_t``
+    (the final head for ``D_t = L``), computed for the tokens that leave there only.
     """
+
+    KNOBS: ClassVar[tuple[Knob, ...]] = (
+        Knob("exit_threshold", float, 0.9, "exit when the max softmax probability of a layer's "
+             "prediction reaches this (above 1: never)", low=0.0, grid=(0.7, 0.8, 0.9, 0.95),
+             search=(0.5, 0.99)),
+        Knob("min_exit_layer", int, 1, "earliest layer after which a token may exit (at most "
+             "n_layers)", low=1, grid=(1, 2)),
+        Knob("exit_loss_weight", float, 1.0, "weight of the exit heads' mean cross-entropy in "
+             "the training loss", low=0.0),
+    )
 
     def __init__(self, cfg: ModelConfig, *, exit_threshold: float = 0.9,
                  min_exit_layer: int = 1, exit_loss_weight: float = 1.0) -> None:
@@ -67,24 +95,48 @@ class EarlyExitLanguageModel(LanguageModel):
         self.exit_threshold = exit_threshold
         self.min_exit_layer = min_exit_layer
         self.exit_loss_weight = exit_loss_weight
+        self.forcing: Forcing | None = None
         self.check_settings()
 
     def check_settings(self) -> None:
-        t = self.exit_threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
-            raise ValueError(f"exit_threshold must be a number >= 0 (above 1: never exit), "
-                             f"got {t!r}")
-        m = self.min_exit_layer
-        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= self.cfg.n_layers:
-            raise ValueError(f"min_exit_layer must be an integer in [1, n_layers="
-                             f"{self.cfg.n_layers}], got {m!r}")
-        w = self.exit_loss_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
-            raise ValueError(f"exit_loss_weight must be a number >= 0, got {w!r}")
+        """Every knob valid (also after an attribute was set by hand)."""
+        for knob in self.KNOBS:
+            setattr(self, knob.name, knob.parse(getattr(self, knob.name)))
+        if self.min_exit_layer > self.cfg.n_layers:
+            raise KnobError(f"knob min_exit_layer: expected an integer in [1, n_layers="
+                            f"{self.cfg.n_layers}], got {self.min_exit_layer!r}")
+
+    def forced(self, forcing: Forcing) -> EarlyExitLanguageModel:
+        return forced_copy(self, forcing)
 
     def exit_layers(self) -> range:
         """Layers after which a token may exit early (the last layer always ends the model)."""
         return range(self.min_exit_layer, self.cfg.n_layers)
+
+    def exit_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.exit_norms[layer - 1](x))
+
+    def exit(self, layer: int, subset: Subset, logits: torch.Tensor, exits: Exits) -> Exits:
+        """The running tokens ``subset`` whose exit ``logits`` after ``layer`` are confident
+        enough exit; the others keep running (their logits are overwritten later)."""
+        leaves = torch.softmax(logits.detach(), dim=-1).amax(dim=-1) >= self.exit_threshold
+        return Exits(subset.scatter(exits.running, ~leaves),
+                     subset.scatter(exits.exit_layer,
+                                    torch.where(leaves, layer, self.cfg.n_layers)),
+                     subset.scatter(exits.logits, logits))
+
+    def forced_exit(self, layer: int, x: torch.Tensor, exits: Exits, depths: torch.Tensor
+                    ) -> Exits:
+        """The running tokens whose forced depth is ``layer`` exit, with their exit logits."""
+        leaving = Subset.where(exits.running & (depths == layer))
+        return Exits(leaving.scatter(exits.running, exits.running.new_zeros(leaving.size)),
+                     leaving.scatter(exits.exit_layer, depths.new_full((leaving.size,), layer)),
+                     leaving.scatter(exits.logits, self.exit_logits(layer, leaving.gather(x))))
+
+    def finish_exits(self, x: torch.Tensor, exits: Exits) -> torch.Tensor:
+        """Output logits ``(T, V)``: the tokens still running take the final norm and head."""
+        last = Subset.where(exits.running)
+        return last.scatter(exits.logits, self.head(self.norm(last.gather(x))))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         self.check_tokens(idx)
@@ -93,98 +145,57 @@ class EarlyExitLanguageModel(LanguageModel):
             raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got "
                              f"{tuple(targets.shape)}")
         b, n = idx.shape
-        layers = self.cfg.n_layers
-        x = self.embed(idx).reshape(b * n, -1)
+        x = self.embed(idx)
+        exits = Exits.start(x.view(b * n, -1), self.cfg.n_layers, self.cfg.vocab_size)
+        depths = (None if self.forcing is None
+                  else forced_depths(self.forcing, self.cfg.n_layers, b * n).to(x.device))
         flat_targets = targets.reshape(-1) if targets is not None else None
-        running = torch.arange(b * n)
-        exit_layer = torch.full((b * n,), layers, dtype=torch.long)
-        done_ids, done_logits, exit_ce = [], [], []
+        exit_ce = []
         balance = x.new_zeros(())
         work = Work()
         # Confidence never exceeds 1, so above 1 the exit heads cannot change anything and are
         # not computed, except in training where they are trained.
         may_exit = self.training or self.exit_threshold <= 1
         for layer, block in enumerate(self.blocks, start=1):
-            x, layer_balance, layer_work = run_block(block, x, running, b, n)
-            balance = balance + layer_balance
-            work = work + layer_work
-            if layer in self.exit_layers() and may_exit:
-                logits = self.head(self.exit_norms[layer - 1](x.index_select(0, running)))
-                if self.training and flat_targets is not None:
-                    exit_ce.append(F.cross_entropy(logits, flat_targets.index_select(0, running)))
-                confidence = torch.softmax(logits.detach(), dim=-1).amax(dim=-1)
-                exits = confidence >= self.exit_threshold
-                done_ids.append(running[exits])
-                done_logits.append(logits[exits])
-                exit_layer[running[exits]] = layer
-                running = running[~exits]
-            if running.numel() == 0:
+            subset = Subset.where(exits.running)
+            if subset.size == 0:
                 break
-        if running.numel():
-            done_ids.append(running)
-            done_logits.append(self.head(self.norm(x.index_select(0, running))))
-        order, logits = torch.cat(done_ids), torch.cat(done_logits)
-        logits = logits.new_zeros(b * n, logits.shape[-1]).index_copy(0, order, logits)
-        logits = logits.view(b, n, -1)
-        exit_layer = exit_layer.view(b, n).to(x.dtype)
-        stats = {"exit_layer": exit_layer, "layers_per_token": exit_layer}
-        ce = loss = None
-        if targets is not None:
-            ce = F.cross_entropy(logits.reshape(b * n, -1), flat_targets)
-            loss = ce + self.cfg.balance_weight * balance / layers
+            x, layer_balance = run_block(block, x, subset, fill="zero", readout="ran")
+            balance = balance + layer_balance
+            work = work + Work(token_layers=subset.size, expert_calls=subset.size,
+                               positions=b * n)
+            flat = x.view(b * n, -1)
+            if depths is not None and layer < self.cfg.n_layers:
+                exits = self.forced_exit(layer, flat, exits, depths)
+            elif depths is None and layer in self.exit_layers() and may_exit:
+                logits = self.exit_logits(layer, subset.gather(flat))
+                if self.training and flat_targets is not None:
+                    exit_ce.append(F.cross_entropy(logits, subset.gather(flat_targets)))
+                exits = self.exit(layer, subset, logits, exits)
+        logits = self.finish_exits(x.view(b * n, -1), exits).view(b, n, -1)
+        exit_layer = exits.exit_layer.view(b, n).to(x.dtype)
+        aux = {}
+        if self.training:
+            aux["balance"] = self.cfg.balance_weight * balance / self.cfg.n_layers
             if exit_ce:
-                loss = loss + self.exit_loss_weight * torch.stack(exit_ce).mean()
-        return ModelOutput(logits, loss, ce, work, stats)
+                aux["exit"] = self.exit_loss_weight * torch.stack(exit_ce).mean()
+        stats = {"exit_layer": exit_layer, "layers_per_token": exit_layer}
+        return self.output(logits, targets, aux, work, stats)
 
     def step(self, tokens: torch.Tensor, state: DecodeState
              ) -> tuple[torch.Tensor, DecodeState]:
         """Next-token logits ``(B, V)`` with the same exits and carry rule as ``forward``."""
+        if not self.DECODES:
+            return super().step(tokens, state)  # raises, saying why
         self.check_tokens(tokens[:, None])
         self.check_settings()
         x = self.embed(tokens)
-        b = x.shape[0]
-        running = torch.arange(b)
-        done_ids, done_logits, new_g = [], [], []
+        exits = Exits.start(x, self.cfg.n_layers, self.cfg.vocab_size)
+        new_g = []
         for layer, (block, g_prev) in enumerate(zip(self.blocks, state.g, strict=True), start=1):
-            xr = x.index_select(0, running)
-            f, v, _ = block.token_work(xr)
-            a = v.new_full((b, v.shape[-1]), H0_DIAGONAL).index_copy(0, running, H0_DIAGONAL + v)
-            g = causal_step(a, H0_COUPLING * H0_COUPLING, block.shift(), g_prev)
+            subset = Subset.where(exits.running)
+            x, g = step_block(block, x, subset, g_prev)
             new_g.append(g)
-            x = x.index_copy(0, running, xr + f + block.mix(g.index_select(0, running)))
-            if layer in self.exit_layers() and self.exit_threshold <= 1 and running.numel():
-                logits = self.head(self.exit_norms[layer - 1](x.index_select(0, running)))
-                exits = torch.softmax(logits, dim=-1).amax(dim=-1) >= self.exit_threshold
-                done_ids.append(running[exits])
-                done_logits.append(logits[exits])
-                running = running[~exits]
-        if running.numel():
-            done_ids.append(running)
-            done_logits.append(self.head(self.norm(x.index_select(0, running))))
-        order, logits = torch.cat(done_ids), torch.cat(done_logits)
-        logits = logits.new_zeros(b, logits.shape[-1]).index_copy(0, order, logits)
-        return logits, DecodeState(tuple(new_g), state.position + 1)
-
-
-def run_block(block: BKBlock, x: torch.Tensor, running: torch.Tensor, b: int, n: int
-              ) -> tuple[torch.Tensor, torch.Tensor, Work]:
-    """One block on the running tokens of the flat hidden states ``x`` ``(B*N, d)``.
-
-    ``running`` (non-empty) lists flat token indices. Exited tokens keep their hidden state and
-    contribute potential 0; the recurrence runs on the sequences with a running token, up to the
-    last running position.
-    Returns (new x, load-balancing loss, work executed).
-    """
-    xr = x.index_select(0, running)
-    f, v, balance = block.token_work(xr)
-    seq, pos = running // n, running % n
-    rows = torch.unique(seq)
-    length = int(pos.max()) + 1
-    slot = torch.full((b,), -1, dtype=torch.long)
-    slot[rows] = torch.arange(rows.numel())
-    potentials = v.new_zeros(rows.numel(), length, v.shape[-1]).index_put((slot[seq], pos), v)
-    g = block.resolvent(potentials)
-    x = x.index_copy(0, running, xr + f + block.mix(g[slot[seq], pos]))
-    work = Work(token_layers=running.numel(), expert_calls=running.numel(),
-                positions=rows.numel() * length)
-    return x, balance, work
+            if layer in self.exit_layers() and self.exit_threshold <= 1:
+                exits = self.exit(layer, subset, self.exit_logits(layer, subset.gather(x)), exits)
+        return self.finish_exits(x, exits), DecodeState(tuple(new_g), state.position + 1)
