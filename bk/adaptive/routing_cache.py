@@ -348,8 +348,11 @@ class CachedRoutingLanguageModel(TechniqueModel):
         self.calibrate_only = calibrate_only
         if calibrate_only:
             self.calibration_anchor = nn.Parameter(torch.zeros(()))
+        # Gates are stored in float64, so that a hit returns the router's gate exactly whatever
+        # the model's dtype (float32 and float64 values survive the round trip).
         self.caches = [RoutingCache(self.settings.cache_size, self.settings.cache_ttl_seconds,
-                                    self.settings.context_window_size + 1, clock=clock)
+                                    self.settings.context_window_size + 1, clock=clock,
+                                    dtype=torch.float64)
                        for _ in range(cfg.n_layers)]
         self.register_buffer("token_counts", torch.zeros(cfg.vocab_size, dtype=torch.float64))
         self.register_buffer("prob_sums", torch.zeros(cfg.n_layers, cfg.vocab_size,
