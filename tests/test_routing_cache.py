@@ -490,11 +490,14 @@ def forced_pair(keep: float, pattern: str, seed: int = 0):
     cached.route_tiers = fail
     routed = [0]
 
-    def count(module, args):
-        routed[0] += args[0].shape[0]
+    def counting(route):
+        def counted(h):
+            routed[0] += h.shape[0]
+            return route(h)
+        return counted
 
     for block in cached.blocks:
-        block.moe.router.register_forward_pre_hook(count)
+        block.moe.route = counting(block.moe.route)
     return dense, cached.forced(Forcing(keep, pattern, seed=seed)), routed
 
 
