@@ -20,17 +20,12 @@ import torch
 from torch import nn
 
 from bench.files import write_atomic
-from bk.adaptive.routing_cache import (
-    PRESETS,
-    TIER_NAMES,
-    CachedRoutingLanguageModel,
-    RoutingCacheSettings,
-)
+from bk.adaptive.routing_cache import PRESETS, TIER_NAMES, CachedRoutingLanguageModel
 from bk.data import Corpus, load_corpus
 
 
-def routing_stats(model: nn.Module, corpus: Corpus, *,
-                  settings: RoutingCacheSettings | None = None, calibration_batches: int = 50,
+def routing_stats(model: nn.Module, corpus: Corpus, *, preset: str = "balanced",
+                  calibration_batches: int = 50,
                   eval_batches: int = 10, batch_size: int = 32,
                   seq_len: int | None = None) -> dict[str, pd.DataFrame]:
     """``{"tokens": per (layer, token id) statistics, "tiers": share of decisions per tier}``.
@@ -41,7 +36,7 @@ def routing_stats(model: nn.Module, corpus: Corpus, *,
         raise ValueError(f"need calibration_batches >= 1 and eval_batches >= 1, got "
                          f"{calibration_batches} and {eval_batches}")
     seq_len = seq_len or model.cfg.n_seq
-    cached = CachedRoutingLanguageModel(model.cfg, settings)
+    cached = CachedRoutingLanguageModel(model.cfg, preset=preset)
     unexpected = cached.load_state_dict(model.state_dict(), strict=False).unexpected_keys
     if unexpected:
         raise ValueError(f"the model has parameters the routed model does not: {unexpected}")
@@ -114,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         setup = (Setup.quick if args.quick else Setup)(corpus=args.corpus, progress=False)
         bench = Bench(setup)
         model, corpus = bench.dense(), bench.corpus
-    tables = routing_stats(model, corpus, settings=PRESETS[args.preset],
+    tables = routing_stats(model, corpus, preset=args.preset,
                            calibration_batches=args.calibration_batches,
                            eval_batches=args.eval_batches, batch_size=args.batch_size)
     tokens = tables["tokens"]

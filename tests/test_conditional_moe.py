@@ -1,12 +1,16 @@
 """Properties of the conditional mixture of experts (per-token k chosen by a learned predictor)."""
 
+import math
+
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.registry import get
 from bk.adaptive.conditional_moe import ConditionalMoE, ConditionalMoELanguageModel
 from bk.model import LanguageModel, ModelConfig
+from bk.technique import Forcing, KnobError
 
 TINY = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=16, n_experts=2, d_expert=16,
                    bk_channels=2)
@@ -209,8 +213,30 @@ def test_invalid_k_bounds_are_rejected_with_a_clear_error():
         ConditionalMoE(D_MODEL, D_HIDDEN, 2, k_min=0, k_max=0)
     with pytest.raises(ValueError, match="k_min <= k_max"):
         ConditionalMoE(D_MODEL, D_HIDDEN, 4, k_min=3, k_max=2)
-    with pytest.raises(ValueError, match="k_cost"):
-        ConditionalMoELanguageModel(TINY, k_cost=-1.0)
+
+
+@pytest.mark.parametrize("knobs, name", [
+    ({"k_min": 0.5}, "k_min"), ({"k_max": 2.5}, "k_max"), ({"k_min": -1}, "k_min"),
+    ({"k_max": 3}, "k_max"),  # more than TINY's 2 experts
+    ({"k_min": 2, "k_max": 1}, "k_min"),
+    ({"k_cost": -1.0}, "k_cost"), ({"k_cost": float("nan")}, "k_cost"),
+    ({"temperature": 0.0}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+])
+def test_bad_knobs_are_rejected_naming_the_knob(knobs, name):
+    with pytest.raises(KnobError, match=f"knob {name}"):
+        ConditionalMoELanguageModel(TINY, **knobs)
+    with pytest.raises(KnobError, match=f"knob {name}"):
+        get("cond_moe").make(TINY, knobs)
+
+
+def test_the_technique_declares_its_knobs_with_todays_defaults():
+    technique = get("cond_moe")
+    assert technique.defaults() == {"k_min": 1, "k_max": 2, "k_cost": 0.01, "temperature": 1.0}
+    model = technique.make(TINY, {"k_min": "0", "k_cost": 0.05})
+    assert isinstance(model, ConditionalMoELanguageModel)
+    assert model.knob_values() == {"k_min": 0, "k_max": 2, "k_cost": 0.05, "temperature": 1.0}
+    assert all(block.moe.k_min == 0 for block in model.blocks)
 
 
 def test_an_empty_token_set_routes_nothing_and_costs_nothing():
@@ -218,3 +244,214 @@ def test_an_empty_token_set_routes_nothing_and_costs_nothing():
     moe.train()
     out, balance = moe(torch.empty(0, D_MODEL))
     assert out.shape == (0, D_MODEL) and float(balance) == 0.0
+
+
+# -- exact values and gradients of the auxiliary terms -------------------------------------
+
+
+def balance_float64(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    k: torch.Tensor) -> torch.Tensor:
+    """E * sum_e f_e P_e: f_e the share of (token, expert) assignments to e when token t uses
+    its k_t most probable experts, P_e the mean router probability; by a plain loop."""
+    probs = torch.softmax(x @ weight.T + bias, dim=-1)
+    n_experts = probs.shape[1]
+    load = [0] * n_experts
+    for t in range(x.shape[0]):
+        for e in probs[t].argsort(descending=True)[:int(k[t])].tolist():
+            load[e] += 1
+    share = torch.tensor(load, dtype=torch.float64) / max(1, sum(load))
+    return n_experts * (share * probs.mean(dim=0)).sum()
+
+
+def expected_k_float64(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       k_min: int) -> torch.Tensor:
+    """Mean over tokens of E[k] = sum_j softmax(difficulty logits)_j (k_min + j)."""
+    probs = torch.softmax(x @ weight.T + bias, dim=-1)
+    values = torch.arange(k_min, k_min + probs.shape[1], dtype=torch.float64)
+    return (probs * values).sum(dim=-1).mean()
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+@given(moe_cases())
+def test_balance_loss_and_its_gradient_equal_the_float64_reference(case):
+    moe, x = case
+    moe, x = moe.double(), x.double()
+    routing = moe.route(x)
+    loss = moe.balance_loss(routing)
+    grads = torch.autograd.grad(loss, [moe.router.weight, moe.router.bias])
+    weight, bias = leaf(moe.router.weight), leaf(moe.router.bias)
+    reference = balance_float64(x, weight, bias, routing.k)
+    expected = torch.autograd.grad(reference, [weight, bias])
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@given(moe_cases())
+def test_expected_k_and_its_gradient_equal_the_float64_reference(case):
+    moe, x = case
+    moe, x = moe.double(), x.double()
+    cost = moe.route(x).expected_k.mean()
+    grads = torch.autograd.grad(cost, [moe.difficulty.weight, moe.difficulty.bias])
+    weight, bias = leaf(moe.difficulty.weight), leaf(moe.difficulty.bias)
+    reference = expected_k_float64(x, weight, bias, moe.k_min)
+    expected = torch.autograd.grad(reference, [weight, bias])
+    torch.testing.assert_close(cost, reference, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def random_predictors(model: ConditionalMoELanguageModel, std: float = 2.0
+                      ) -> ConditionalMoELanguageModel:
+    """Random difficulty predictors, so that k varies from token to token."""
+    with torch.no_grad():
+        for block in model.blocks:
+            block.moe.difficulty.weight.normal_(std=std)
+            block.moe.difficulty.bias.normal_()
+    return model
+
+
+@given(st.integers(0, 2**16), st.sampled_from([(0, 2), (1, 2), (1, 1)]),
+       st.sampled_from([0.0, 0.05]))
+def test_the_models_auxiliary_terms_and_their_gradients_equal_the_float64_reference(
+        seed, bounds, k_cost):
+    # Layer-level references from each layer's MoE input: the last layer's router and predictor
+    # reach the objective only through its own terms, so their gradients are checked exactly.
+    k_min, k_max = bounds
+    torch.manual_seed(seed)
+    model = random_predictors(ConditionalMoELanguageModel(TINY, k_min=k_min, k_max=k_max,
+                                                          k_cost=k_cost)).double().train()
+    inputs = []
+    for block in model.blocks:
+        block.moe.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    x = torch.randint(0, TINY.vocab_size, (2, 8))
+    out = model(x, x)
+    routings = [block.moe.last_routing for block in model.blocks]
+    layers = TINY.n_layers
+    balance = sum(balance_float64(h.detach(), block.moe.router.weight.detach(),
+                                  block.moe.router.bias.detach(), routing.k)
+                  for h, block, routing in zip(inputs, model.blocks, routings, strict=True))
+    cost = sum(expected_k_float64(h.detach(), block.moe.difficulty.weight.detach(),
+                                  block.moe.difficulty.bias.detach(), k_min)
+               for h, block in zip(inputs, model.blocks, strict=True))
+    assert set(out.aux) == {"balance", "k_cost"}
+    torch.testing.assert_close(out.aux["balance"], TINY.balance_weight * balance / layers,
+                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(out.aux["k_cost"], k_cost * cost / layers, rtol=1e-12,
+                               atol=1e-15)
+    last, h, routing = model.blocks[-1].moe, inputs[-1].detach(), routings[-1]
+    got = torch.autograd.grad(out.aux["balance"], last.router.weight, retain_graph=True)[0]
+    weight = leaf(last.router.weight)
+    reference = TINY.balance_weight / layers * balance_float64(h, weight, last.router.bias,
+                                                               routing.k)
+    torch.testing.assert_close(got, torch.autograd.grad(reference, weight)[0], rtol=1e-10,
+                               atol=1e-14)
+    if k_cost and k_max > k_min:
+        got = torch.autograd.grad(out.aux["k_cost"], last.difficulty.weight)[0]
+        weight = leaf(last.difficulty.weight)
+        reference = k_cost / layers * expected_k_float64(h, weight, last.difficulty.bias, k_min)
+        torch.testing.assert_close(got, torch.autograd.grad(reference, weight)[0],
+                                   rtol=1e-10, atol=1e-14)
+
+
+def test_in_eval_mode_the_objective_has_no_auxiliary_terms():
+    model = ConditionalMoELanguageModel(TINY).eval()
+    x = torch.randint(0, TINY.vocab_size, (2, 8))
+    out = model(x, x)
+    assert out.aux == {} and torch.equal(out.loss, out.ce)
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+
+@given(st.integers(0, 2**16), st.integers(1, 3), st.integers(1, TINY.n_seq),
+       st.sampled_from([(0, 2), (1, 2)]))
+def test_decoding_one_position_at_a_time_equals_the_forward_pass(seed, b, n, bounds):
+    torch.manual_seed(seed)
+    model = random_predictors(ConditionalMoELanguageModel(TINY, k_min=bounds[0],
+                                                          k_max=bounds[1]))
+    model = model.double().eval()
+    x = torch.randint(0, TINY.vocab_size, (b, n))
+    with torch.no_grad():
+        full = model(x)
+        state = model.init_state(b)
+        for t in range(n):
+            logits, state = model.step(x[:, t], state)
+            torch.testing.assert_close(logits, full.logits[:, t], rtol=1e-10, atol=1e-10)
+
+
+# -- forcing ----------------------------------------------------------------------------------
+
+
+def failing_hook(module, args):
+    raise AssertionError("the difficulty predictor ran in a forced model")
+
+
+def count_expert_rows(model: ConditionalMoELanguageModel) -> list[int]:
+    rows = [0]
+
+    def hook(module, args):
+        rows[0] += args[0].shape[0]
+
+    for block in model.blocks:
+        for expert in block.moe.experts:
+            expert.register_forward_pre_hook(hook)
+    return rows
+
+
+@pytest.mark.parametrize("keep, k", [(1.0, 2), (0.5, 1), (0.75, 2), (0.2, 0), (0.3, 1)])
+def test_a_uniformly_forced_model_gives_every_token_the_same_k_without_the_predictor(keep, k):
+    torch.manual_seed(0)
+    model = random_predictors(ConditionalMoELanguageModel(TINY, k_min=1, k_max=2)).eval()
+    forced = model.forced(Forcing(keep, "uniform"))
+    for block in model.blocks:
+        block.moe.difficulty.register_forward_pre_hook(failing_hook)
+    rows = count_expert_rows(model)
+    x = torch.randint(0, TINY.vocab_size, (2, TINY.n_seq))
+    with torch.no_grad():
+        out = forced(x)
+    token_layers = x.numel() * TINY.n_layers
+    assert out.work.expert_calls == rows[0] == k * token_layers
+    assert bool((out.stats["experts_per_token"] == k).all())
+    assert model.forcing is None  # forcing leaves the model itself alone
+
+
+def test_a_per_token_forced_model_draws_k_per_token_at_the_requested_mean():
+    torch.manual_seed(0)
+    model = ConditionalMoELanguageModel(TINY, k_min=1, k_max=2).eval()
+    for block in model.blocks:
+        block.moe.difficulty.register_forward_pre_hook(failing_hook)
+    rows = count_expert_rows(model)
+    x = torch.randint(0, TINY.vocab_size, (8, TINY.n_seq))
+    forced = model.forced(Forcing(0.5, "per_token", seed=3))
+    with torch.no_grad():
+        out, again = forced(x), forced(x)
+    assert torch.equal(out.logits, again.logits)  # the draws are fixed per batch shape
+    slots = x.numel() * TINY.n_layers * 2
+    assert out.work.expert_calls == rows[0] // 2
+    assert abs(out.work.expert_calls - 0.5 * slots) <= 4 * math.sqrt(slots * 0.25)
+    per_token = out.stats["experts_per_token"] * TINY.n_layers
+    assert len(per_token.unique()) > 2  # tokens differ in k
+    assert out.work.expert_calls == round(float(per_token.sum()))
+
+
+@settings(max_examples=5)
+@given(st.integers(0, 2**16))
+def test_forcing_the_learned_decision_reproduces_the_model(seed):
+    # A predictor that always picks k_max, forced at keep = 1 (k = k_max): the same model.
+    torch.manual_seed(seed)
+    model = ConditionalMoELanguageModel(TINY, k_min=1, k_max=2).double().eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.moe.difficulty.bias.copy_(torch.tensor([0.0, 5.0]))
+    x = torch.randint(0, TINY.vocab_size, (2, TINY.n_seq))
+    with torch.no_grad():
+        learned, forced = model(x), model.forced(Forcing(1.0))(x)
+    assert bool((learned.stats["experts_per_token"] == 2).all())
+    torch.testing.assert_close(forced.logits, learned.logits, rtol=0, atol=0)
+    assert forced.work == learned.work
+    with pytest.raises(NotImplementedError, match="forced"):
+        model.forced(Forcing(1.0)).init_state(2)

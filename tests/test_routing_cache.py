@@ -1,22 +1,27 @@
 """Properties of the verified routing cache, the fast path and the tiered top-1 routing."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.registry import get
 from bk.adaptive.routing_cache import (
     PRESETS,
     TIER_NAMES,
     CachedRoutingLanguageModel,
+    RoutedWork,
     RoutingCache,
-    RoutingCacheSettings,
     context_windows,
+    route_rest,
     window_keys,
 )
-from bk.model import LanguageModel, ModelConfig
+from bk.model import LanguageModel, ModelConfig, Work
+from bk.skip import Subset
+from bk.technique import Forcing, KnobError
 
 TINY = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=16, n_experts=2, d_expert=16,
                    bk_channels=2)
@@ -41,12 +46,21 @@ def entries(keys: list[int]) -> tuple[torch.Tensor, ...]:
 key_lists = st.lists(st.integers(0, 30), max_size=12)
 
 
-def models(settings: RoutingCacheSettings, seed: int = 0, **kwargs):
+NEVER = 1e9  # a frequency threshold no calibration reaches: the fast path takes nothing
+
+
+def models(seed: int = 0, **kwargs):
     torch.manual_seed(seed)
     dense = LanguageModel(TINY)
-    cached = CachedRoutingLanguageModel(TINY, settings, **kwargs)
+    cached = CachedRoutingLanguageModel(TINY, **kwargs)
     cached.load_state_dict(dense.state_dict(), strict=False)
     return dense.eval(), cached.eval()
+
+
+def assert_same_work(got: Work, want: Work, routes_given: int = 0) -> None:
+    fields = ("token_layers", "expert_calls", "positions")
+    assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
+    assert got.routes_given == routes_given
 
 
 token_batches = st.tuples(st.integers(1, 3), st.integers(1, TINY.n_seq), st.integers(0, 2**16))
@@ -193,40 +207,69 @@ def test_bad_cache_input_is_rejected_with_a_clear_error():
         cache.lookup(k, windows[:, :2])
     with pytest.raises(TypeError, match="1-D int64"):
         cache.lookup(k.float(), windows)
-    with pytest.raises(ValueError, match="cache_ttl_seconds must be > 0"):
-        RoutingCacheSettings(cache_ttl_seconds=0)
-    with pytest.raises(ValueError, match="entropy_threshold must be a number"):
-        RoutingCacheSettings(entropy_threshold=float("nan"))
+
+
+# -- knobs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("knobs, name", [
+    ({"cache_ttl_seconds": 0}, "cache_ttl_seconds"),
+    ({"entropy_threshold": float("nan")}, "entropy_threshold"),
+    ({"cache_size": 2.5}, "cache_size"), ({"context_window_size": 1.5}, "context_window_size"),
+    ({"cache_size": -1}, "cache_size"), ({"confidence_threshold": 1.5}, "confidence_threshold"),
+    ({"frequency_threshold": float("inf")}, "frequency_threshold"),
+    ({"preset": "fast"}, "preset"),
+])
+def test_bad_knobs_are_rejected_naming_the_knob(knobs, name):
+    with pytest.raises(KnobError, match=f"knob {name}"):
+        CachedRoutingLanguageModel(TINY, **knobs)
+    with pytest.raises(KnobError, match=f"knob {name}"):
+        get("routing_cache").make(TINY, knobs)
+
+
+def test_the_preset_and_its_overrides_give_the_settings():
+    technique = get("routing_cache")
+    assert technique.defaults() == {"preset": "balanced", "frequency_threshold": None,
+                                    "entropy_threshold": None, "confidence_threshold": None,
+                                    "cache_size": None, "cache_ttl_seconds": None,
+                                    "context_window_size": None}
+    assert technique.updates_weights is False
+    model = technique.make(TINY, {"preset": "aggressive", "cache_size": "64",
+                                  "context_window_size": 3.0, "entropy_threshold": "none"})
+    assert model.settings == replace(PRESETS["aggressive"], cache_size=64, context_window_size=3)
+    assert isinstance(model.settings.cache_size, int)
+    assert model.caches[0].capacity == 64 and model.caches[0].width == 4
+    assert model.knob_values()["cache_size"] == 64 and model.calibrate_only
+    assert technique.make(TINY, {"preset": "off", "cache_size": 8}).settings.enabled is False
 
 
 # -- the model -------------------------------------------------------------------------------
 
 
-@given(token_batches, st.sampled_from(sorted(PRESETS)))
-def test_disabled_routing_equals_the_baseline_router_bit_for_bit(shape, preset):
+@given(token_batches)
+def test_disabled_routing_equals_the_baseline_router_bit_for_bit(shape):
     idx = batch(shape)
     y = batch((*shape[:2], shape[2] + 1))
-    settings = RoutingCacheSettings(**{**PRESETS[preset].__dict__, "enabled": False})
-    dense, cached = models(settings, seed=shape[2])
+    dense, cached = models(seed=shape[2], preset="off")
     cached.observe_batches([idx])  # a fast-path table exists but must not be used
     with torch.no_grad():
         for _ in range(2):
             want, got = dense(idx, y), cached(idx, y)
             assert torch.equal(want.logits, got.logits)
             assert torch.equal(want.loss, got.loss)
-            assert want.work == got.work
+            assert_same_work(got.work, want.work)
 
 
 @given(token_batches)
 def test_tiers_that_take_nothing_equal_the_baseline_router_bit_for_bit(shape):
     idx = batch(shape)
-    settings = RoutingCacheSettings(cache_size=0, frequency_threshold=math.inf)
-    dense, cached = models(settings, seed=shape[2])
+    dense, cached = models(seed=shape[2], cache_size=0, frequency_threshold=NEVER)
     cached.observe_batches([idx])
     with torch.no_grad():
         want, got = dense(idx), cached(idx)
     assert torch.equal(want.logits, got.logits)
     assert float(got.stats["tier_router"].min()) == 1.0
+    assert_same_work(got.work, want.work)
 
 
 @given(token_batches)
@@ -234,9 +277,9 @@ def test_a_cache_covering_the_whole_prefix_reproduces_the_router_on_the_next_pas
     # With the window as long as the sequence the key determines the hidden state, so a hit
     # must give the decision recomputation would give.
     idx = batch(shape)
-    settings = RoutingCacheSettings(confidence_threshold=0.0, context_window_size=TINY.n_seq,
-                                    frequency_threshold=math.inf)
-    dense, cached = models(settings, seed=shape[2], clock=FakeClock())
+    dense, cached = models(seed=shape[2], confidence_threshold=0.0,
+                           context_window_size=TINY.n_seq, frequency_threshold=NEVER,
+                           clock=FakeClock())
     with torch.no_grad():
         want = dense(idx)
         first, second = cached(idx), cached(idx)
@@ -249,7 +292,8 @@ def test_a_cache_covering_the_whole_prefix_reproduces_the_router_on_the_next_pas
 def test_tiered_routing_keeps_the_router_output_shape_dtype_and_top1_meaning(shape, preset,
                                                                              warm_passes):
     idx = batch(shape)
-    dense, cached = models(replace_window(PRESETS[preset]), seed=shape[2], clock=FakeClock())
+    dense, cached = models(seed=shape[2], preset=preset, confidence_threshold=0.5,
+                           clock=FakeClock())
     cached.observe_batches([idx, batch((4, TINY.n_seq, shape[2] + 7))])
     for _ in range(warm_passes):
         with torch.no_grad():
@@ -276,14 +320,9 @@ def test_tiered_routing_keeps_the_router_output_shape_dtype_and_top1_meaning(sha
     assert torch.equal(routing.gate[fast], gate_table[0, tokens[fast]])
 
 
-def replace_window(settings: RoutingCacheSettings) -> RoutingCacheSettings:
-    return RoutingCacheSettings(**{**settings.__dict__, "confidence_threshold": 0.5})
-
-
 @given(st.integers(0, 2**16), st.floats(0.0, 1.4), st.integers(1, 40))
 def test_the_fast_path_takes_exactly_the_frequent_low_entropy_tokens(seed, entropy_cap, min_count):
-    settings = RoutingCacheSettings(frequency_threshold=min_count, entropy_threshold=entropy_cap)
-    _, cached = models(settings, seed=seed)
+    _, cached = models(seed=seed, frequency_threshold=min_count, entropy_threshold=entropy_cap)
     idx = batch((3, TINY.n_seq, seed))
     cached.observe_batches([idx])
     dense64 = LanguageModel(TINY).double()
@@ -316,7 +355,7 @@ def test_the_fast_path_takes_exactly_the_frequent_low_entropy_tokens(seed, entro
 @given(token_batches, st.sampled_from(sorted(PRESETS)))
 def test_each_token_layer_is_decided_by_exactly_one_tier(shape, preset):
     idx = batch(shape)
-    _, cached = models(PRESETS[preset], seed=shape[2], clock=FakeClock())
+    _, cached = models(seed=shape[2], preset=preset, clock=FakeClock())
     cached.observe_batches([batch((4, TINY.n_seq, shape[2] + 1))])
     with torch.no_grad():
         cached(idx)
@@ -325,10 +364,12 @@ def test_each_token_layer_is_decided_by_exactly_one_tier(shape, preset):
     torch.testing.assert_close(total, torch.ones(idx.shape))
     layers = TINY.n_layers
     assert out.work.token_layers == out.work.expert_calls == idx.numel() * layers
+    given = (out.stats["tier_cache"] + out.stats["tier_fast_path"]).sum() * layers
+    assert out.work.routes_given == round(float(given))
 
 
 def test_calibration_steps_leave_the_dense_weights_exactly_unchanged():
-    _, cached = models(RoutingCacheSettings(), calibrate_only=True)
+    _, cached = models(calibrate_only=True)
     before = {k: v.clone() for k, v in cached.state_dict().items()}
     optimizer = torch.optim.AdamW(cached.parameters(), lr=1e-2, weight_decay=0.1)
     cached.train()
@@ -347,7 +388,7 @@ def test_calibration_steps_leave_the_dense_weights_exactly_unchanged():
 
 
 def test_a_training_step_clears_the_caches():
-    _, cached = models(RoutingCacheSettings(confidence_threshold=0.0), clock=FakeClock())
+    _, cached = models(confidence_threshold=0.0, clock=FakeClock())
     idx = batch((2, TINY.n_seq, 0))
     with torch.no_grad():
         cached(idx)
@@ -372,7 +413,7 @@ def test_routing_stats_count_the_calibration_tokens_and_shares_sum_to_one(seed, 
 
     corpus = tiny_corpus(seed)
     torch.manual_seed(seed)
-    tables = routing_stats(LanguageModel(TINY), corpus, settings=PRESETS[preset],
+    tables = routing_stats(LanguageModel(TINY), corpus, preset=preset,
                            calibration_batches=2, eval_batches=3, batch_size=4)
     tokens, tiers = tables["tokens"], tables["tiers"]
     calibrated = corpus.train[: 2 * 4 * TINY.n_seq]
@@ -386,3 +427,124 @@ def test_routing_stats_count_the_calibration_tokens_and_shares_sum_to_one(seed, 
     shares = tiers[list(TIER_NAMES)].sum(axis=1)
     assert ((shares - 1).abs() < 1e-9).all()
     assert list(tiers.layer) == [*map(str, range(TINY.n_layers)), "all"]
+
+
+# -- work, causality, decoding -----------------------------------------------------------------
+
+
+def test_routed_work_adds_up_and_leaves_the_given_routers_out_of_the_flops():
+    work = Work() + RoutedWork(10, 10, 10, routes_given=4) + Work(1, 1, 1)
+    assert isinstance(work, RoutedWork)
+    assert (work.token_layers, work.expert_calls, work.positions, work.routes_given) == (
+        11, 11, 11, 4)
+    router = 2 * TINY.d_model * TINY.n_experts
+    assert work.flops(TINY) == Work(11, 11, 11).flops(TINY) - 4 * router
+
+
+@settings(max_examples=6)
+@given(st.integers(0, 2**16), st.integers(0, TINY.n_seq - 2))
+def test_logits_at_a_position_do_not_depend_on_later_tokens_of_the_call(seed, i):
+    # Two models in the same state see inputs that differ after position i. Their caches hold
+    # every one-token-context window, inserted from other contexts, so nearly every lookup hits
+    # an entry that differs from the router's decision: a key that read a later token would
+    # change the logits at i.
+    idx = batch((2, TINY.n_seq, seed))
+    changed = idx.clone()
+    changed[:, i + 1:] = batch((2, TINY.n_seq - i - 1, seed + 1))
+    warm = batch((32, TINY.n_seq, seed + 2))
+    outputs = []
+    for x in (idx, changed):
+        _, cached = models(seed=seed % 5, confidence_threshold=0.0, context_window_size=1,
+                           clock=FakeClock())
+        with torch.no_grad():
+            cached(warm)
+            out = cached(x)
+        assert float(out.stats["tier_cache"].mean()) > 0.5
+        outputs.append(out.logits[:, :i + 1])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_the_model_says_why_it_does_not_decode():
+    _, cached = models()
+    with pytest.raises(NotImplementedError, match="caches shared across calls"):
+        cached.init_state(1)
+    with pytest.raises(NotImplementedError, match="caches shared across calls"):
+        cached.step(torch.zeros(1, dtype=torch.int64), None)
+
+
+# -- forcing ----------------------------------------------------------------------------------
+
+
+def forced_pair(keep: float, pattern: str, seed: int = 0):
+    """A dense model and the routing-cache model forced at ``keep``, with every tier's
+    machinery made to fail and the router's rows counted."""
+    dense, cached = models(seed=seed)
+    cached.observe_batches([batch((4, TINY.n_seq, seed))])  # a fast-path table exists
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a forced model consulted a tier")
+
+    for cache in cached.caches:
+        cache.lookup = cache.insert = fail
+    cached.fast_path_table = fail
+    cached.route_tiers = fail
+    routed = [0]
+
+    def counting(route):
+        def counted(h):
+            routed[0] += h.shape[0]
+            return route(h)
+        return counted
+
+    for block in cached.blocks:
+        block.moe.route = counting(block.moe.route)
+    return dense, cached.forced(Forcing(keep, pattern, seed=seed)), routed
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.5, 0.3, 1.0])
+def test_a_uniformly_forced_model_routes_evenly_spaced_positions_and_gives_the_rest(keep):
+    dense, forced, routed = forced_pair(keep, "uniform")
+    idx = batch((3, TINY.n_seq, 1))
+    with torch.no_grad():
+        out = forced(idx)
+    per_sequence = math.floor(TINY.n_seq * keep)
+    token_layers = idx.numel() * TINY.n_layers
+    assert routed[0] == per_sequence * idx.shape[0] * TINY.n_layers
+    assert out.work.routes_given == token_layers - routed[0]
+    assert out.work.token_layers == out.work.expert_calls == token_layers
+    given = forced.given_routing(*idx.shape).by_router.view(TINY.n_layers, *idx.shape)
+    assert bool((given == given[0, 0]).all())  # the same positions in every row and layer
+    if keep == 1.0:
+        with torch.no_grad():
+            assert torch.equal(out.logits, dense(idx).logits)
+
+
+def test_a_per_token_forced_model_routes_a_random_share_and_is_reproducible():
+    _, forced, routed = forced_pair(0.5, "per_token", seed=4)
+    idx = batch((8, TINY.n_seq, 2))
+    with torch.no_grad():
+        out, again = forced(idx), forced(idx)
+    token_layers = idx.numel() * TINY.n_layers
+    assert torch.equal(out.logits, again.logits)
+    assert routed[0] == 2 * (token_layers - out.work.routes_given)
+    assert abs(routed[0] / 2 - 0.5 * token_layers) <= 4 * math.sqrt(token_layers * 0.25)
+    assert out.work.flops(TINY) < Work(token_layers, token_layers, token_layers).flops(TINY)
+
+
+@given(st.integers(0, 2**16), st.sampled_from(["uniform", "per_token"]))
+def test_the_forced_path_gives_its_experts_and_routes_the_rest_like_the_router(seed, pattern):
+    _, cached = models(seed=seed)
+    forced = cached.forced(Forcing(0.5, pattern, seed=seed))
+    idx = batch((2, TINY.n_seq, seed))
+    given = forced.given_routing(*idx.shape)
+    with torch.no_grad():
+        h = cached.blocks[0].norm(cached.embed(idx).reshape(idx.numel(), -1))
+        routing = route_rest(cached.blocks[0].moe, h, given.expert[0], given.gate,
+                             Subset.where(given.by_router[0]))
+        router = cached.blocks[0].moe.route(h)
+    by_router = given.by_router[0]
+    assert torch.equal(routing.expert[by_router], router.expert[by_router])
+    torch.testing.assert_close(routing.gate[by_router], router.gate[by_router])
+    assert torch.equal(routing.expert[~by_router], given.expert[0][~by_router])
+    assert bool((routing.gate[~by_router] == 1 / TINY.n_experts).all())
+    assert cached.forcing is None

@@ -2,12 +2,19 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.registry import get
-from bk.adaptive.seqlen import LengthAdaptiveModel, length_bins, pad_positions, truncate_positions
+from bk.adaptive.seqlen import (
+    PREDICTOR_GAIN,
+    LengthAdaptiveModel,
+    length_bins,
+    pad_positions,
+    truncate_positions,
+)
 from bk.model import LanguageModel, ModelConfig
+from bk.technique import Forcing, KnobError
 
 CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=48, n_experts=2, d_expert=16,
                   bk_channels=2)
@@ -37,6 +44,15 @@ def tiny_model(seed: int, dtype: torch.dtype = torch.float64, **kwargs) -> Lengt
     with torch.no_grad():
         model.fallback_counts.uniform_(1.0, 100.0)
     return model.to(dtype).eval()
+
+
+def deciding(model: LengthAdaptiveModel, seed: int = 0) -> LengthAdaptiveModel:
+    """``model`` with a random predictor, so that sequences stop at different boundaries."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.length_predictor.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model
 
 
 def base_of(model: LengthAdaptiveModel) -> LanguageModel:
@@ -135,7 +151,7 @@ def test_the_work_counter_scales_with_the_computed_length(seed, idx, data):
 
 @given(seeds, token_batches(max_batch=4))
 def test_a_sequence_result_does_not_depend_on_the_others_in_its_batch(seed, idx):
-    model = tiny_model(seed)
+    model = deciding(tiny_model(seed), seed)
     with torch.no_grad():
         batch = model(idx)
         for row in range(idx.shape[0]):
@@ -186,17 +202,27 @@ def test_the_fallback_is_the_add_one_unigram_of_the_training_targets(idx):
     torch.testing.assert_close(model.fallback(), torch.log(counts / counts.sum()))
 
 
-def test_training_outputs_are_scored_at_the_sampled_length():
-    model = tiny_model(3).train()
-    idx = torch.randint(0, CFG.vocab_size, (4, CFG.n_seq),
-                        generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
+@settings(max_examples=6)
+@given(seeds, st.floats(0.0, 2.0))
+def test_training_runs_at_full_length_and_charges_the_predictor_the_sampled_lengths_cost(
+        seed, penalty):
+    model = deciding(tiny_model(seed, length_penalty=penalty), seed).train()
+    idx = torch.randint(0, CFG.vocab_size, (6, CFG.n_seq),
+                        generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
     out = model(idx, idx)
     with torch.no_grad():
+        base = base_of(model).train()(idx, idx)
         lengths = out.stats["length"][:, 0].long()
-        again = model.eval().run_at_lengths(idx, lengths, idx)
-    torch.testing.assert_close(out.logits, again.logits, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out.ce, again.ce, rtol=1e-12, atol=1e-12)
+        model.eval()
+        charged = [model.run_at_lengths(idx[r:r + 1], lengths[r:r + 1], idx[r:r + 1]).ce
+                   + penalty * int(lengths[r]) / CFG.n_seq for r in range(idx.shape[0])]
+    torch.testing.assert_close(out.logits, base.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.ce, base.ce, rtol=0, atol=0)
+    assert set(out.aux) == {"balance", "length"}
+    torch.testing.assert_close(out.aux["length"], torch.stack(charged).mean(), rtol=1e-10,
+                               atol=1e-10)
+    torch.testing.assert_close(out.loss, out.ce + out.aux["balance"] + out.aux["length"])
 
 
 @pytest.mark.parametrize("penalty, fallback_peak, shorter", [(20.0, 1.0, True),
@@ -219,7 +245,7 @@ def test_predictor_training_moves_the_expected_length_towards_the_cheapest_bin(
 
     def expected_length() -> float:
         with torch.no_grad():
-            return float((torch.softmax(model.bin_scores(idx), -1) * bins).sum(-1).mean())
+            return float((model.length_probabilities(idx) * bins).sum(-1).mean())
 
     before = expected_length()
     optimizer = torch.optim.SGD(model.length_predictor.parameters(), lr=0.01)
@@ -245,13 +271,18 @@ def test_bad_lengths_are_rejected_with_a_clear_error():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"length_penalty": -0.1}, "length_penalty"),
-    ({"length_penalty": float("nan")}, "length_penalty"),
+    ({"length_penalty": -0.1}, "knob length_penalty"),
+    ({"length_penalty": float("nan")}, "knob length_penalty"),
+    ({"length_penalty": "long"}, "knob length_penalty"),
+    ({"length_penalty": True}, "knob length_penalty"),
     ({"gumbel_tau": 0.0}, "gumbel_tau"),
 ])
 def test_bad_settings_are_rejected_with_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LengthAdaptiveModel(CFG, **kwargs)
+    if "length_penalty" in kwargs:
+        with pytest.raises(KnobError, match=message):
+            get("seqlen").make(CFG, kwargs)
 
 
 def test_dense_weights_load_leaving_only_the_predictor_and_fallback_new():
@@ -267,3 +298,146 @@ def test_the_technique_is_registered_with_its_knob():
     assert technique.defaults() == {"length_penalty": 0.1}
     model = technique.make(CFG, {"length_penalty": 0.5})
     assert isinstance(model, LengthAdaptiveModel) and model.length_penalty == 0.5
+
+
+# -- causal decisions and decoding -----------------------------------------------------------
+
+
+def lengths_by_a_loop(model: LengthAdaptiveModel, idx: torch.Tensor) -> list[int]:
+    """The documented rule in float64, one sequence and boundary at a time: stop at the first
+    boundary L < N whose score from the mean embedding of tokens 0..L-1 is positive."""
+    embedded = model.embed(idx).detach().double()
+    weight = model.length_predictor.weight.detach().double()
+    bias = model.length_predictor.bias.detach().double()
+    lengths = []
+    for row in embedded:
+        length = idx.shape[1]
+        for j, boundary in enumerate(model.bins[:-1]):
+            if boundary >= idx.shape[1]:
+                break
+            mean = row[:boundary].sum(dim=0) / boundary
+            if PREDICTOR_GAIN * (float(weight[j] @ mean) + float(bias[j])) > 0:
+                length = boundary
+                break
+        lengths.append(length)
+    return lengths
+
+
+@given(seeds, token_batches())
+def test_a_sequence_stops_at_the_first_boundary_whose_prefix_says_stop(seed, idx):
+    model = deciding(tiny_model(seed), seed)
+    with torch.no_grad():
+        out = model(idx)
+    assert out.stats["length"][:, 0].long().tolist() == lengths_by_a_loop(model, idx)
+
+
+@given(seeds, st.integers(0, CFG.n_seq - 2))
+def test_logits_at_a_position_never_depend_on_later_tokens(seed, i):
+    # Half the sequences of a deciding predictor stop at some boundary; changing the tokens
+    # after i must change nothing up to i: neither the model's logits nor the decision to stop.
+    model = deciding(tiny_model(seed), seed)
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, CFG.vocab_size, (8, CFG.n_seq), generator=generator)
+    changed = idx.clone()
+    changed[:, i + 1:] = torch.randint(0, CFG.vocab_size, (8, CFG.n_seq - i - 1),
+                                       generator=generator)
+    with torch.no_grad():
+        a, b = model(idx).logits[:, :i + 1], model(changed).logits[:, :i + 1]
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=8)
+@given(seeds, st.integers(1, 4), st.integers(1, CFG.n_seq))
+def test_decoding_one_position_at_a_time_equals_the_forward_pass(seed, b, n):
+    model = deciding(tiny_model(seed), seed)
+    idx = torch.randint(0, CFG.vocab_size, (b, n), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        full = model(idx).logits
+        state = model.init_state(b)
+        for t in range(n):
+            logits, state = model.step(idx[:, t], state)
+            torch.testing.assert_close(logits, full[:, t], rtol=1e-10, atol=1e-10)
+
+
+def test_decoding_stops_computing_a_stopped_sequence():
+    model = deciding(tiny_model(1), 1)
+    with torch.no_grad():
+        model.length_predictor.bias.fill_(1.0)  # every sequence stops at the first boundary
+    rows = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    for block in model.blocks:
+        block.step = _counting(block.step, rows)
+    idx = torch.randint(0, CFG.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        state = model.init_state(3)
+        for t in range(20):
+            logits, state = model.step(idx[:, t], state)
+    assert rows == [3] * 16 * CFG.n_layers  # positions 16.. are not computed
+    assert bool((logits == model.fallback()).all())
+
+
+def _counting(step, rows):
+    def counted(x, g):
+        rows.append(x.shape[0])
+        return step(x, g)
+    return counted
+
+
+# -- forcing ----------------------------------------------------------------------------------
+
+
+def no_predictor(model: LengthAdaptiveModel) -> LengthAdaptiveModel:
+    """``model`` whose length predictor fails if it is consulted."""
+    def fail(*args):
+        raise AssertionError("the length predictor ran in a forced model")
+
+    model.stop_score = fail
+    model.length_predictor.register_forward_pre_hook(fail)
+    return model
+
+
+@pytest.mark.parametrize("keep, length", [(1.0, 48), (0.5, 32), (0.3, 16), (0.1, 16),
+                                          (0.75, 32)])
+def test_a_uniformly_forced_model_runs_every_sequence_at_the_same_bin(keep, length):
+    model = no_predictor(deciding(tiny_model(0)))
+    idx = torch.randint(0, CFG.vocab_size, (3, CFG.n_seq))
+    forced = model.forced(Forcing(keep))
+    with torch.no_grad():
+        out = forced(idx)
+    assert out.stats["length"][:, 0].tolist() == [length] * 3
+    assert out.work.positions == out.work.token_layers == 3 * length * CFG.n_layers
+    assert model.forcing is None
+
+
+def test_a_per_token_forced_model_draws_lengths_per_sequence_at_the_requested_mean():
+    model = no_predictor(tiny_model(0))
+    b = 400
+    idx = torch.randint(0, CFG.vocab_size, (b, CFG.n_seq))
+    forced = model.forced(Forcing(0.6, "per_token", seed=2))
+    lengths = forced.forced_lengths(b, CFG.n_seq)
+    assert set(lengths.tolist()) <= set(BINS) and len(set(lengths.tolist())) > 1
+    # Uniform on [0.6 N - w, 0.6 N + w] with w = 0.4 N, then rounded to a bin without bias.
+    spread = (0.4 * CFG.n_seq) / 3 ** 0.5 + 16
+    assert abs(float(lengths.double().mean()) - 0.6 * CFG.n_seq) <= 4 * spread / b ** 0.5
+    with torch.no_grad():
+        out = forced(idx[:8])
+    assert out.work.positions == int(forced.forced_lengths(8, CFG.n_seq).sum()) * CFG.n_layers
+    assert torch.equal(forced.forced_lengths(8, CFG.n_seq), forced.forced_lengths(8, CFG.n_seq))
+
+
+@given(seeds, token_batches(max_len=CFG.n_seq))
+def test_forcing_the_full_length_reproduces_a_fresh_model(seed, idx):
+    torch.manual_seed(seed)
+    model = LengthAdaptiveModel(CFG).eval()
+    with torch.no_grad():
+        assert torch.equal(model.forced(Forcing(1.0))(idx).logits, model(idx).logits)
+
+
+def test_a_single_bin_makes_no_decision_and_has_no_predictor():
+    model = LengthAdaptiveModel(ModelConfig(vocab_size=17, d_model=16, n_layers=2, n_seq=16,
+                                            n_experts=2, d_expert=16, bk_channels=2))
+    assert model.length_predictor is None and model.forced(Forcing(0.5)) is None
+    idx = torch.randint(0, 17, (2, 16))
+    model.train()(idx, idx).loss.backward()
+    with torch.no_grad():
+        assert bool((model.eval()(idx).stats["length"] == 16).all())

@@ -24,8 +24,9 @@ At inference every (token, layer) is routed by the first of three tiers that app
    is at least ``confidence_threshold``.
 
 What is skipped for tokens of tiers 1 and 2 is the router: its ``d_model x n_experts`` matmul
-and softmax. Everything else (norm, expert, BK mixing) runs for every token, so ``Work`` is
-the dense model's. The tiers act in eval mode only: training routes every token through the
+and softmax. Everything else (norm, expert, BK mixing) runs for every token; ``Work`` is the
+dense model's with those router evaluations counted apart (:class:`RoutedWork`). The tiers act
+in eval mode only: training routes every token through the
 router (the gates must receive gradient) and records the calibration statistics; any training
 step clears the caches, since the router may have changed. With ``calibrate_only`` the training
 loop only streams train-split batches into the statistics: the forward pass runs without
@@ -36,20 +37,29 @@ exactly as they were; the perplexity change then measures the tiers alone.
 Hashing, lookup, insertion and eviction are tensor operations over all tokens of a layer at
 once (``searchsorted`` on a sorted key array, batched eviction); there is no per-token Python
 loop.
+
+Causality: a position's tiers read its own window (tokens ``<= i``) and what earlier calls left
+in the caches; a call looks every position of a layer up before inserting any of that layer's
+decisions, so logits at ``i`` never depend on later tokens of the call. They do depend on the
+calls before it (that is what a cache is for): a hit returns the decision taken for the same
+window, not necessarily for the same prefix. For the same reason the model does not decode one
+position at a time (``NO_DECODE_REASON``).
 """
 
 from __future__ import annotations
 
-import math
+import copy
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from bk.model import LanguageModel, ModelConfig, ModelOutput, Work
+from bk.model import BKBlock, ModelConfig, ModelOutput, Work
 from bk.moe import MoEFeedForward, Routing
+from bk.skip import Subset
+from bk.technique import Forcing, Knob, KnobError, TechniqueModel
 
 Clock = Callable[[], float]
 
@@ -61,6 +71,8 @@ TIER_NAMES = ("cache", "fast_path", "router")
 
 @dataclass(frozen=True)
 class RoutingCacheSettings:
+    """The thresholds of the three tiers (a preset, or a preset with knob overrides)."""
+
     frequency_threshold: float = 50
     entropy_threshold: float = 0.5
     confidence_threshold: float = 0.8
@@ -68,22 +80,6 @@ class RoutingCacheSettings:
     cache_ttl_seconds: float = 60.0
     context_window_size: int = 4
     enabled: bool = True  # False: every token goes through the router, as in the dense model
-
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("frequency_threshold", "entropy_threshold", "confidence_threshold",
-                     "cache_ttl_seconds"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or math.isnan(value):
-                problems.append(f"{name} must be a number, got {value!r}")
-        for name in ("cache_size", "context_window_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                problems.append(f"{name} must be an integer >= 0, got {value!r}")
-        if not problems and not self.cache_ttl_seconds > 0:
-            problems.append(f"cache_ttl_seconds must be > 0, got {self.cache_ttl_seconds}")
-        if problems:
-            raise ValueError("invalid RoutingCacheSettings: " + "; ".join(problems))
 
 
 PRESETS: dict[str, RoutingCacheSettings] = {
@@ -95,6 +91,9 @@ PRESETS: dict[str, RoutingCacheSettings] = {
                                        confidence_threshold=0.6, cache_size=4000,
                                        cache_ttl_seconds=300.0, context_window_size=2),
 }
+OFF = "off"  # the preset that routes every token through the router
+OVERRIDES = ("frequency_threshold", "entropy_threshold", "confidence_threshold", "cache_size",
+             "cache_ttl_seconds", "context_window_size")
 
 
 def context_windows(idx: torch.Tensor, window: int, pad: int) -> torch.Tensor:
@@ -235,23 +234,125 @@ class RoutingCache:
         self._keep(torch.argsort(self.keys))
 
 
-class CachedRoutingLanguageModel(LanguageModel):
+@dataclass
+class RoutedWork(Work):
+    """:class:`bk.model.Work` with the (token, layer) pairs whose router did not run (their
+    routing was given by the cache, the fast path or a forcing) counted apart: their FLOPs leave
+    out the router's ``2 d_model n_experts``, its share of ``Work.flops``'s per-token term.
+    (``Work`` counts the router inside ``token_layers``; this is the field it would need.)"""
+
+    routes_given: int = 0
+
+    def __add__(self, other: Work) -> RoutedWork:
+        total = Work.__add__(self, other)
+        return RoutedWork(total.token_layers, total.expert_calls, total.positions,
+                          self.routes_given + getattr(other, "routes_given", 0))
+
+    __radd__ = __add__  # Work() + RoutedWork(...) keeps the count (addition commutes)
+
+    def flops(self, cfg: ModelConfig) -> float:
+        return super().flops(cfg) - self.routes_given * 2 * cfg.d_model * cfg.n_experts
+
+
+def route_rest(moe: MoEFeedForward, h: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor,
+               by_router: Subset) -> Routing:
+    """Top-1 routing of flat tokens ``h`` ``(T, d)``: ``expert``/``gate`` ``(T,)`` as given,
+    except on the rows of ``by_router``, which are gathered, routed by ``moe`` and scattered
+    back. With every row routed this is ``moe.route(h)`` itself (router probabilities kept)."""
+    if by_router.size == by_router.total:
+        return moe.route(h)
+    routed = moe.route(by_router.gather(h))
+    return Routing(expert=by_router.scatter(expert, routed.expert),
+                   gate=by_router.scatter(gate, routed.gate),
+                   probs=h.new_empty(0, moe.n_experts))
+
+
+def routed_block(block: BKBlock, x: torch.Tensor, h: torch.Tensor,
+                 routing: Routing) -> torch.Tensor:
+    """``block`` on ``x`` ``(B, N, d)`` whose normalised tokens ``h = block.norm(x)`` ``(B N,
+    d)`` go to the experts of ``routing``: the block's forward with its routing given."""
+    b, n, d = x.shape
+    f = block.moe.dispatch(h, routing)
+    g = block.resolvent(block.potential(h).view(b, n, -1))
+    return x + f.view(b, n, d) + block.mix(g)
+
+
+class CachedRoutingLanguageModel(TechniqueModel):
     """The dense model whose top-1 routing goes through cache, fast path and router per layer.
 
     Parameters are exactly the dense model's. Calibration statistics (token counts and router
     probability sums per layer) are buffers saved with the weights, filled by training forward
     passes or :meth:`observe_batches`; the fast-path tables are rebuilt from them when needed.
+    Knobs: a ``preset`` and optional overrides of its thresholds (``None``: the preset's).
+
+    Forcing (:meth:`forced`): the skippable unit is the router evaluation of a (token, layer);
+    ``keep`` is the share of them the router runs. The others get their routing for free: no
+    cache, no lookup, no fast-path table, but an expert drawn uniformly at random (gate ``1 /
+    n_experts``), drawn once per batch shape outside the timed call. Random experts, because
+    the router's own choices could only be given for free by having run the model on that very
+    input before; a uniform draw loads the experts evenly, as the balance loss trains the
+    router to, and dispatch costs the same whichever expert a row goes to. ``"uniform"``: the
+    router runs at evenly spaced positions (the same in every sequence and layer);
+    ``"per_token"``: each (token, layer) independently with probability ``keep``.
     """
 
-    def __init__(self, cfg: ModelConfig, settings: RoutingCacheSettings | None = None, *,
-                 clock: Clock = time.monotonic, calibrate_only: bool = False) -> None:
+    KNOBS = (
+        Knob("preset", str, "balanced", "threshold preset; 'off' routes every token through the "
+             "router", choices=(*PRESETS, OFF), grid=(*PRESETS, OFF)),
+        Knob("frequency_threshold", float, None, "fast path: fewest calibration occurrences "
+             "(None: the preset's)", low=0, search=(1, 2000), log=True, optional=True),
+        Knob("entropy_threshold", float, None, "fast path: largest router entropy in nats "
+             "(None: the preset's)", low=0, search=(0.01, 1.4), optional=True),
+        Knob("confidence_threshold", float, None, "cache a router decision when its "
+             "probability is at least this (None: the preset's)", low=0, high=1,
+             search=(0.3, 1.0), optional=True),
+        Knob("cache_size", int, None, "entries per layer cache (None: the preset's)", low=0,
+             search=(16, 100_000), log=True, optional=True),
+        Knob("cache_ttl_seconds", float, None, "lifetime of a cache entry from insertion, > 0 "
+             "(None: the preset's)", low=0, search=(1, 3600), log=True, optional=True),
+        Knob("context_window_size", int, None, "previous tokens in the cache key (None: the "
+             "preset's)", low=0, search=(0, 16), optional=True),
+    )
+    DECODES = False
+    NO_DECODE_REASON = (
+        "its routing comes from caches shared across calls (entries from earlier calls, "
+        "expiring on a clock, evicted least recently used); a forward pass looks every "
+        "position up before inserting any of its own decisions, while one position at a time "
+        "would see the decisions of the positions before it, so the two differ whenever a "
+        "context window repeats")
+
+    def __init__(self, cfg: ModelConfig, *, preset: str = "balanced",
+                 frequency_threshold: float | None = None,
+                 entropy_threshold: float | None = None,
+                 confidence_threshold: float | None = None, cache_size: int | None = None,
+                 cache_ttl_seconds: float | None = None,
+                 context_window_size: int | None = None, clock: Clock = time.monotonic,
+                 calibrate_only: bool = True) -> None:
         super().__init__(cfg)
+        overrides = {"frequency_threshold": frequency_threshold,
+                     "entropy_threshold": entropy_threshold,
+                     "confidence_threshold": confidence_threshold, "cache_size": cache_size,
+                     "cache_ttl_seconds": cache_ttl_seconds,
+                     "context_window_size": context_window_size}
+        knobs = self.resolve_knobs({"preset": preset, **overrides})
+        if knobs["cache_ttl_seconds"] is not None and not knobs["cache_ttl_seconds"] > 0:
+            raise KnobError(f"knob cache_ttl_seconds: expected a number > 0, got "
+                            f"{cache_ttl_seconds!r}")
+        for name, value in knobs.items():
+            setattr(self, name, value)
+        if self.preset == OFF:
+            self.settings = RoutingCacheSettings(enabled=False)
+        else:
+            self.settings = replace(PRESETS[self.preset], **{
+                name: knobs[name] for name in OVERRIDES if knobs[name] is not None})
         self.calibrate_only = calibrate_only
         if calibrate_only:
             self.calibration_anchor = nn.Parameter(torch.zeros(()))
-        self.settings = settings or RoutingCacheSettings()
+        # Gates are stored in float64, so that a hit returns the router's gate exactly whatever
+        # the model's dtype (float32 and float64 values survive the round trip).
         self.caches = [RoutingCache(self.settings.cache_size, self.settings.cache_ttl_seconds,
-                                    self.settings.context_window_size + 1, clock=clock)
+                                    self.settings.context_window_size + 1, clock=clock,
+                                    dtype=torch.float64)
                        for _ in range(cfg.n_layers)]
         self.register_buffer("token_counts", torch.zeros(cfg.vocab_size, dtype=torch.float64))
         self.register_buffer("prob_sums", torch.zeros(cfg.n_layers, cfg.vocab_size,
@@ -259,6 +360,8 @@ class CachedRoutingLanguageModel(LanguageModel):
         self._fast_table: tuple[torch.Tensor, torch.Tensor] | None = None
         # (layer, tier) decisions taken by eval passes since the last reset; see routing_stats.
         self.tier_totals = torch.zeros(cfg.n_layers, len(TIER_NAMES), dtype=torch.int64)
+        self.forcing: Forcing | None = None
+        self._given: dict[tuple[int, int], GivenRouting] = {}
 
     # -- calibration -------------------------------------------------------------------------
 
@@ -308,37 +411,26 @@ class CachedRoutingLanguageModel(LanguageModel):
                     tokens: torch.Tensor, keys: torch.Tensor, windows: torch.Tensor
                     ) -> tuple[Routing, torch.Tensor]:
         """Top-1 routing of flat tokens ``h`` ``(T, d)`` and the tier that decided each token."""
-        t = h.shape[0]
-        expert = torch.empty(t, dtype=torch.int64)
-        gate = h.new_empty(t)
-        tier = torch.full((t,), TIER_NAMES.index("router"), dtype=torch.int64)
         cache = self.caches[layer]
         found = cache.lookup(keys, windows)
-        expert[found.hit] = found.expert
-        gate[found.hit] = found.gate.to(h.dtype)
-        tier[found.hit] = TIER_NAMES.index("cache")
         fast_expert, fast_gate = (table[layer, tokens] for table in self.fast_path_table())
-        fast = ~found.hit & (fast_expert >= 0)
-        expert[fast] = fast_expert[fast]
-        gate[fast] = fast_gate[fast]
-        tier[fast] = TIER_NAMES.index("fast_path")
-        rest = (tier == TIER_NAMES.index("router")).nonzero().squeeze(1)
-        if rest.numel() == t:
-            routed = moe.route(h)
-        else:
-            routed = moe.route(h.index_select(0, rest))
-        expert[rest] = routed.expert
-        gate[rest] = routed.gate
-        confident = rest[routed.gate >= self.settings.confidence_threshold]
-        confident_gate = routed.gate[routed.gate >= self.settings.confidence_threshold]
-        cache.insert(keys[confident], windows[confident], expert[confident], confident_gate)
-        return Routing(expert=expert, gate=gate, probs=h.new_empty(0, moe.n_experts)), tier
+        hits = Subset.where(found.hit)
+        expert = hits.scatter(fast_expert, found.expert)
+        gate = hits.scatter(fast_gate.to(h.dtype), found.gate.to(h.dtype))
+        tier = torch.where(found.hit, TIER_NAMES.index("cache"),
+                           torch.where(fast_expert >= 0, TIER_NAMES.index("fast_path"),
+                                       TIER_NAMES.index("router")))
+        by_router = tier == TIER_NAMES.index("router")
+        routing = route_rest(moe, h, expert, gate, Subset.where(by_router))
+        confident = Subset.where(by_router & (routing.gate >= self.settings.confidence_threshold))
+        cache.insert(*(confident.gather(t) for t in (keys, windows, routing.expert,
+                                                     routing.gate)))
+        return routing, tier
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         self.check_tokens(idx)
-        tiers = self.settings.enabled and not self.training
         if not self.training:
-            return self._forward(idx, targets, tiers=tiers, observe=False)
+            return self._forward(idx, targets, tiers=self.settings.enabled, observe=False)
         self.clear_caches()
         if not self.calibrate_only:
             return self._forward(idx, targets, tiers=False, observe=True)
@@ -353,18 +445,26 @@ class CachedRoutingLanguageModel(LanguageModel):
         b, n = idx.shape
         x = self.embed(idx)
         tokens = idx.reshape(-1)
-        if tiers:
+        given = self.given_routing(b, n) if self.forcing is not None else None
+        if tiers and given is None:
             windows = context_windows(idx, self.settings.context_window_size,
                                       pad=self.cfg.vocab_size).reshape(b * n, -1)
             keys = window_keys(windows)
-            tier_counts = torch.zeros(len(TIER_NAMES), b * n)
+            tier_counts = torch.zeros(len(TIER_NAMES), b * n, dtype=torch.int64)
         if observe:
             self.token_counts += torch.bincount(tokens, minlength=self.cfg.vocab_size)
             self._fast_table = None
         balance = x.new_zeros(())
+        routes_given = 0
         for layer, block in enumerate(self.blocks):
+            if given is None and not tiers and not observe and not self.training:
+                x, _ = block(x)  # every token through the router: the dense block itself
+                continue
             h = block.norm(x.reshape(b * n, -1))
-            if tiers:
+            if given is not None:
+                routing = route_rest(block.moe, h, given.expert[layer], given.gate.to(h.dtype),
+                                     Subset.where(given.by_router[layer]))
+            elif tiers:
                 routing, tier = self.route_tiers(layer, block.moe, h, tokens, keys, windows)
                 tier_counts[tier, torch.arange(b * n)] += 1
                 self.tier_totals[layer] += torch.bincount(tier, minlength=len(TIER_NAMES))
@@ -375,15 +475,55 @@ class CachedRoutingLanguageModel(LanguageModel):
                 if observe:
                     self.prob_sums[layer].index_add_(0, tokens,
                                                      routing.probs.detach().to(torch.float64))
-            f = block.moe.dispatch(h, routing)
-            g = block.resolvent(block.potential(h).view(b, n, -1))
-            x = x + f.view(b, n, -1) + block.mix(g)
+            x = routed_block(block, x, h, routing)
         layers = len(self.blocks)
-        work = Work(token_layers=b * n * layers, expert_calls=b * n * layers,
-                    positions=b * n * layers)
         stats = {"layers_per_token": x.new_full((b, n), float(layers))}
-        if tiers:
+        if given is not None:
+            routes_given = given.routes_given
+        elif tiers:
             for name, count in zip(TIER_NAMES, tier_counts, strict=True):
                 stats[f"tier_{name}"] = (count / layers).to(x.dtype).view(b, n)
-        aux = {"balance": self.cfg.balance_weight * balance / layers}
+            routes_given = int(tier_counts[:TIER_NAMES.index("router")].sum())
+        work = RoutedWork(token_layers=b * n * layers, expert_calls=b * n * layers,
+                          positions=b * n * layers, routes_given=routes_given)
+        aux = {"balance": self.cfg.balance_weight * balance / layers} if self.training else {}
         return self.finish(x, targets, aux, work, stats)
+
+    # -- forcing -----------------------------------------------------------------------------
+
+    def forced(self, forcing: Forcing) -> CachedRoutingLanguageModel:
+        forced = copy.copy(self)
+        forced.forcing = forcing
+        forced._given = {}
+        return forced
+
+    def given_routing(self, b: int, n: int) -> GivenRouting:
+        """The forcing's decisions for a ``(b, n)`` batch, per layer over its flat tokens; drawn
+        once per batch shape."""
+        if (b, n) not in self._given:
+            forcing, layers, tokens = self.forcing, len(self.blocks), b * n
+            generator = forcing.generator()
+            if forcing.pattern == "uniform":  # positions i with floor((i+1) keep) > floor(i keep)
+                position = torch.arange(n, dtype=torch.float64)
+                routed = torch.floor((position + 1) * forcing.keep) > torch.floor(
+                    position * forcing.keep)
+                by_router = routed.repeat(b).expand(layers, tokens)
+            else:
+                by_router = torch.rand(layers, tokens, generator=generator) < forcing.keep
+            expert = torch.randint(self.cfg.n_experts, (layers, tokens), generator=generator)
+            self._given[b, n] = GivenRouting(
+                by_router=by_router, expert=expert,
+                gate=torch.full((tokens,), 1 / self.cfg.n_experts),
+                routes_given=int((~by_router).sum()))
+        return self._given[b, n]
+
+
+@dataclass(frozen=True)
+class GivenRouting:
+    """A forced model's decisions for one batch shape: per layer, which flat tokens the router
+    runs on and, for the others, their expert and gate."""
+
+    by_router: torch.Tensor  # (L, T) bool
+    expert: torch.Tensor  # (L, T) int64
+    gate: torch.Tensor  # (T,)
+    routes_given: int  # (token, layer) pairs not routed by the router
