@@ -75,16 +75,20 @@ class Work:
     token_layers: (token, layer) pairs whose per-token work (norm, router, projections) ran.
     expert_calls: tokens passed through an expert network (top-1: one per token-layer).
     positions: (position, layer) pairs visited by the BK recurrence.
+    routes_given: of the token-layers, those whose routing was given (by a cache, a table or a
+    forcing) instead of computed by the router.
     """
 
     token_layers: int = 0
     expert_calls: int = 0
     positions: int = 0
+    routes_given: int = 0
 
     def __add__(self, other: Work) -> Work:
         return Work(self.token_layers + other.token_layers,
                     self.expert_calls + other.expert_calls,
-                    self.positions + other.positions)
+                    self.positions + other.positions,
+                    self.routes_given + other.routes_given)
 
     def flops(self, cfg: ModelConfig) -> float:
         """Floating-point operations of this work in the dense model's units: multiply-adds of
@@ -96,8 +100,9 @@ class Work:
         per_token = 2 * d * (cfg.n_experts + c) + 2 * (2 * c) * d
         per_expert = 2 * 2 * d * cfg.d_expert
         per_position = 10 * c
-        return (self.token_layers * per_token + self.expert_calls * per_expert
-                + self.positions * per_position)
+        router = 2 * d * cfg.n_experts
+        return (self.token_layers * per_token - self.routes_given * router
+                + self.expert_calls * per_expert + self.positions * per_position)
 
 
 @dataclass

@@ -13,7 +13,6 @@ from bk.adaptive.routing_cache import (
     PRESETS,
     TIER_NAMES,
     CachedRoutingLanguageModel,
-    RoutedWork,
     RoutingCache,
     context_windows,
     route_rest,
@@ -432,9 +431,8 @@ def test_routing_stats_count_the_calibration_tokens_and_shares_sum_to_one(seed, 
 # -- work, causality, decoding -----------------------------------------------------------------
 
 
-def test_routed_work_adds_up_and_leaves_the_given_routers_out_of_the_flops():
-    work = Work() + RoutedWork(10, 10, 10, routes_given=4) + Work(1, 1, 1)
-    assert isinstance(work, RoutedWork)
+def test_work_adds_up_and_leaves_the_given_routers_out_of_the_flops():
+    work = Work() + Work(10, 10, 10, routes_given=4) + Work(1, 1, 1)
     assert (work.token_layers, work.expert_calls, work.positions, work.routes_given) == (
         11, 11, 11, 4)
     router = 2 * TINY.d_model * TINY.n_experts

@@ -25,7 +25,7 @@ At inference every (token, layer) is routed by the first of three tiers that app
 
 What is skipped for tokens of tiers 1 and 2 is the router: its ``d_model x n_experts`` matmul
 and softmax. Everything else (norm, expert, BK mixing) runs for every token; ``Work`` is the
-dense model's with those router evaluations counted apart (:class:`RoutedWork`). The tiers act
+dense model's with those router evaluations counted apart (``Work.routes_given``). The tiers act
 in eval mode only: training routes every token through the
 router (the gates must receive gradient) and records the calibration statistics; any training
 step clears the caches, since the router may have changed. With ``calibrate_only`` the training
@@ -232,26 +232,6 @@ class RoutingCache:
             keep[lru[:overflow]] = False
             self._keep(keep)
         self._keep(torch.argsort(self.keys))
-
-
-@dataclass
-class RoutedWork(Work):
-    """:class:`bk.model.Work` with the (token, layer) pairs whose router did not run (their
-    routing was given by the cache, the fast path or a forcing) counted apart: their FLOPs leave
-    out the router's ``2 d_model n_experts``, its share of ``Work.flops``'s per-token term.
-    (``Work`` counts the router inside ``token_layers``; this is the field it would need.)"""
-
-    routes_given: int = 0
-
-    def __add__(self, other: Work) -> RoutedWork:
-        total = Work.__add__(self, other)
-        return RoutedWork(total.token_layers, total.expert_calls, total.positions,
-                          self.routes_given + getattr(other, "routes_given", 0))
-
-    __radd__ = __add__  # Work() + RoutedWork(...) keeps the count (addition commutes)
-
-    def flops(self, cfg: ModelConfig) -> float:
-        return super().flops(cfg) - self.routes_given * 2 * cfg.d_model * cfg.n_experts
 
 
 def route_rest(moe: MoEFeedForward, h: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor,
@@ -484,8 +464,8 @@ class CachedRoutingLanguageModel(TechniqueModel):
             for name, count in zip(TIER_NAMES, tier_counts, strict=True):
                 stats[f"tier_{name}"] = (count / layers).to(x.dtype).view(b, n)
             routes_given = int(tier_counts[:TIER_NAMES.index("router")].sum())
-        work = RoutedWork(token_layers=b * n * layers, expert_calls=b * n * layers,
-                          positions=b * n * layers, routes_given=routes_given)
+        work = Work(token_layers=b * n * layers, expert_calls=b * n * layers,
+                    positions=b * n * layers, routes_given=routes_given)
         aux = {"balance": self.cfg.balance_weight * balance / layers} if self.training else {}
         return self.finish(x, targets, aux, work, stats)
 
