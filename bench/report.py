@@ -14,14 +14,13 @@ import itertools
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.baselines import BASELINES, Target, history
-from bench.files import read_json, write_atomic
+from bench.files import figure_writer, read_json, write_atomic
 
 GAP_FLAG = 1.5  # FLOPs and wall speedups differing by more than this factor are flagged
 ASV_DEFAULT_THRESHOLD = 0.05  # asv's own default when no regressions_thresholds regex matches
@@ -338,7 +337,7 @@ def load_asv(results_dir: Path, config: Path) -> AsvSummary:
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures (matplotlib, Agg backend). Each PNG is written to a temporary file, then os.replace'd.
+# Figures (matplotlib, Agg backend), each PNG written atomically (bench.files).
 
 
 def _pyplot() -> Any:
@@ -353,14 +352,9 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        write_atomic(path, figure_writer(fig))
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         fig.clf()
         _pyplot().close(fig)
 
@@ -690,7 +684,10 @@ def external_hosts(page: str) -> list[str]:
 
 
 def _rel(path: Path, out: Path) -> str:
-    return Path(os.path.relpath(Path(path).resolve(), out.resolve())).as_posix()
+    """A relative link to ``path``; a published result file (a symlink into its set) is linked
+    by its public name, which outlives the set it points at now."""
+    path = Path(path).parent.resolve() / Path(path).name
+    return Path(os.path.relpath(path, out.resolve())).as_posix()
 
 
 STYLE = """

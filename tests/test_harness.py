@@ -20,7 +20,7 @@ import torch
 
 from bench import baselines, pipeline
 from bench.cli import build_parser, main, parse_value, setup_from
-from bench.files import locked, publish, read_json, write_atomic, write_new
+from bench.files import figure_writer, locked, publish, read_json, write_atomic, write_new
 from bench.measure import Comparison, Speedup, Workload, count_flops, paired_speedup
 from bench.pipeline import Bench, Setup
 from bench.registry import Knob, Technique, get, techniques
@@ -628,8 +628,14 @@ def test_a_temporary_left_by_a_killed_writer_never_stays_in_the_records_folder(t
 
 def test_result_files_and_checkpoints_follow_the_umask(tmp_path, checkpoint_file):
     # mkstemp once made every result 0600 whatever the umask.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     previous = os.umask(0o027)
     try:
+        write_atomic(tmp_path / "plot.png", figure_writer(plt.figure()))
         write_atomic(tmp_path / "a.json", "{}")
         write_new(tmp_path / "b.json", "{}")
         publish(tmp_path, "results", {"results.json": "{}"})
@@ -638,7 +644,7 @@ def test_result_files_and_checkpoints_follow_the_umask(tmp_path, checkpoint_file
         save_checkpoint(tmp_path / "c.pt", model, corpus.vocab, step=3)
     finally:
         os.umask(previous)
-    for name in ("a.json", "b.json", "results.json", "c.pt"):
+    for name in ("plot.png", "a.json", "b.json", "results.json", "c.pt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
 
 
