@@ -74,23 +74,36 @@ def parse_values(text: str) -> tuple[str, list[Any]]:
     return name, [parse_value(v) for v in values.split(",")]
 
 
-def positive_int(text: str) -> int:
+LARGEST = 2**62  # beyond any real setting, and within torch's int64 sizes
+
+
+def _int_at_least(text: str, low: int) -> int:
+    expected = f"an integer from {low} to 2**62"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not low <= value <= LARGEST:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
     return value
 
 
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
 def nonnegative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def fraction(text: str) -> float:
+    """A finite number in [0, 1)."""
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
     return value
 
 
@@ -107,7 +120,7 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default 3; quick 12)")
     group.add_argument("--batch-size", type=positive_int, default=32)
     group.add_argument("--seq-len", type=positive_int, default=128)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=nonnegative_int, default=0)
     group.add_argument("--output", type=Path, default=Path("runs"),
                        help="folder for results, plots and cached checkpoints (default runs/)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -283,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="record or check the per-commit baseline")
     p.add_argument("action", choices=["record", "check"])
     p.add_argument("--techniques", nargs="+", help="only these registered techniques")
-    p.add_argument("--tolerance", type=float,
+    p.add_argument("--tolerance", type=fraction,
                    help="relative speedup drop that fails the check (default: target.json)")
     p.add_argument("--baselines", type=Path, default=BASELINES,
                    help="folder with target.json and records/ (default: the repository's "

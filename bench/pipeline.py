@@ -72,7 +72,7 @@ class Setup:
         return ModelConfig(vocab_size=len(corpus.vocab), n_seq=self.seq_len, **overrides)
 
     def describe(self) -> dict[str, Any]:
-        """The settings that determine a measurement (not where results go)."""
+        """The settings of a measurement, and the output folder (which does not change it)."""
         described = asdict(self)
         described["output"] = str(self.output)
         del described["progress"]

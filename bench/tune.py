@@ -207,13 +207,20 @@ def open_storage(url: str, heartbeat_interval: int,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError,
-                sqlalchemy.exc.ProgrammingError):
+                sqlalchemy.exc.ProgrammingError) as err:
             # Workers starting together on a fresh database race to create its tables; the
             # loser finds them created on the next attempt.
             if attempt == 4:
-                raise
+                raise _storage_error(url, err) from err
             time.sleep(0.5 * (attempt + 1))
+        except sqlalchemy.exc.SQLAlchemyError as err:  # a malformed URL, a missing driver
+            raise _storage_error(url, err) from err
     raise AssertionError("unreachable")
+
+
+def _storage_error(url: str, err: Exception) -> ValueError:
+    reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return ValueError(f"cannot open the study storage {_redacted(url)}: {reason.strip()}")
 
 
 def _with_installed_driver(url: str) -> str:

@@ -662,6 +662,9 @@ def test_help_documents_the_exit_codes(capsys):
 @pytest.mark.parametrize("argv", [
     ["run", "--steps", "-5"],
     ["run", "--batch-size", "0"],
+    ["run", "--batch-size", str(10**30)],  # once an int64 overflow traceback inside torch
+    ["run", "--seed", "-1"],
+    ["baseline", "check", "--tolerance", "nan"],  # once: every speedup drop passed
     ["measure", "act", "--knob", "novalue"],
     ["tune", "act", "--n-calls", "x"],
     ["nonsense"],

@@ -392,6 +392,13 @@ def test_validate_writes_validation_results_for_the_best_config(faked, grid_run,
         oracle(best["knobs"]["act_threshold"], best["knobs"]["act_lambda"])[0])
 
 
+@pytest.mark.parametrize("url", ["nonsense://x", "sqlite:////nonexistent/folder/study.db"])
+def test_a_storage_that_cannot_be_opened_is_a_clear_error(faked, tmp_path, monkeypatch, url):
+    monkeypatch.setattr(tune.time, "sleep", lambda seconds: None)  # no waits between retries
+    with pytest.raises(ValueError, match=f"cannot open the study storage {url}: "):
+        run_cli(tune_argv(tmp_path, "--storage", url))
+
+
 def test_validate_rejects_a_config_for_another_technique(faked, tmp_path):
     path = tmp_path / "best.json"
     path.write_text(json.dumps({"technique": "early_exit", "knobs": {}}))
