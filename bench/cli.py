@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # Timing is single-threaded everywhere in bk-bench (two threads on two cores are ~10x noisier).
 import torch
 
 torch.set_num_threads(1)
 
+from bench.baselines import BASELINES  # noqa: E402
 from bench.pipeline import Setup  # noqa: E402
 
 # Subcommands that live in their own modules, each exposing add_arguments(parser) and run(args).
@@ -23,6 +26,26 @@ PLUGINS = {
     "routing-stats": ("bench.routing_stats", "token frequency, router entropy, tier shares"),
     "report": ("bench.report", "write the static HTML report"),
 }
+
+
+EXIT_CODES = """exit status:
+  0  success
+  1  a check failed: a regression against the baseline record (baseline check), or no
+     configuration within the quality budget (tune, tune --validate)
+  2  bad input or usage: an invalid option, a malformed or missing file, a setup that differs
+     from the record's, a dirty working tree for a record, or not enough memory for a setting;
+     reported as one line 'bk-bench <command>: error: ...'"""
+
+# Settings to lower when a command runs out of memory, by argparse destination.
+MEMORY_SETTINGS = {"batch_size": "--batch-size", "seq_len": "--seq-len", "batch": "--batch",
+                   "tokens": "--tokens", "samples": "--samples"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line, ``bk-bench <command>: error: ...`` (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def parse_value(text: str) -> Any:
@@ -51,10 +74,36 @@ def parse_values(text: str) -> tuple[str, list[Any]]:
     return name, [parse_value(v) for v in values.split(",")]
 
 
+LARGEST = 2**62  # beyond any real setting, and within torch's int64 sizes
+
+
+def _int_at_least(text: str, low: int) -> int:
+    expected = f"an integer from {low} to 2**62"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not low <= value <= LARGEST:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def fraction(text: str) -> float:
+    """A finite number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
     return value
 
 
@@ -64,13 +113,14 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a small version: short training, part of the test split")
     group.add_argument("--corpus", default="shakespeare",
                        help="shakespeare (default), synthetic, or text:PATH[:word]")
-    group.add_argument("--steps", type=int, help="dense training steps (default 1500; quick 300)")
+    group.add_argument("--steps", type=nonnegative_int,
+                       help="dense training steps (default 1500; quick 300)")
     group.add_argument("--rounds", type=positive_int,
                        help="passes over the workload, timed interleaved batch by batch "
                             "(default 3; quick 12)")
     group.add_argument("--batch-size", type=positive_int, default=32)
     group.add_argument("--seq-len", type=positive_int, default=128)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=nonnegative_int, default=0)
     group.add_argument("--output", type=Path, default=Path("runs"),
                        help="folder for results, plots and cached checkpoints (default runs/)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -81,8 +131,6 @@ def setup_from(args: argparse.Namespace) -> Setup:
                               "seq_len": args.seq_len, "seed": args.seed,
                               "output": args.output, "progress": not args.no_progress}
     if args.steps is not None:
-        if args.steps < 0:
-            raise SystemExit(f"bk-bench: --steps must be >= 0, got {args.steps}")
         chosen["steps"] = args.steps
     if args.rounds is not None:
         chosen["rounds"] = args.rounds
@@ -90,19 +138,20 @@ def setup_from(args: argparse.Namespace) -> Setup:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.baselines import git_commit
+    from bench import baselines
     from bench.run import run
 
-    try:
-        commit = git_commit()
-    except ValueError:
-        commit = "unknown"
+    if args.record:
+        commit = baselines.git_commit(allow_dirty=args.allow_dirty)  # refuse before measuring
+    else:
+        try:
+            commit = baselines.git_commit(allow_dirty=True)
+        except ValueError:
+            commit = "unknown"
     record = run(setup_from(args), args.techniques, commit=commit)
     if args.record:
-        from bench import baselines
-
-        if commit == "unknown" or not record["techniques"]:
-            raise ValueError("--record needs a git checkout and at least one technique")
+        if not record["techniques"]:
+            raise ValueError("--record needs at least one technique besides dense")
         print(f"recorded {baselines.record(record)}")
     return 0
 
@@ -150,22 +199,32 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from bench.pipeline import Bench
     from bench.run import measure_all
 
-    target = baselines.Target.load()
-    if args.action == "check":
-        records = baselines.history()
-        if not records:
-            raise SystemExit("bk-bench: no baseline record to check against; run "
-                             "`bk-bench baseline record` first")
-        latest = records[-1]
+    root = args.baselines
+    target = baselines.Target.load(root if (root / "target.json").is_file() else
+                                   baselines.BASELINES)
     setup = setup_from(args)
+    if args.action == "check":  # refuse before measuring anything
+        history = baselines.records(root)
+        if not history:
+            raise ValueError("no baseline record to check against; run `bk-bench baseline "
+                             "record` first")
+        path, latest = history[-1]
+        differ = baselines.setup_differences(latest, setup.describe())
+        if differ:
+            raise ValueError(f"{path} was measured with another setup ({'; '.join(differ)}); "
+                             "check with the record's setup, or record a new baseline")
+    else:
+        # The commit when the code was imported: the code measured (refused before measuring).
+        commit = baselines.git_commit(allow_dirty=args.allow_dirty)
     comparisons = [c for c in measure_all(Bench(setup), args.techniques) if c.name != "dense"]
     if args.action == "record":
-        rec = baselines.make_record(comparisons, setup.describe(), target, baselines.git_commit())
-        path = baselines.record(rec)
+        rec = baselines.make_record(comparisons, setup.describe(), target, commit)
+        path = baselines.record(rec, root)
         cum = rec["cumulative"]
         print(f"recorded {path} (cumulative {cum['speedup']:.2f}x from {cum['source']})")
         return 0
-    rows = baselines.check(comparisons, latest, target, args.tolerance)
+    rows = baselines.check(comparisons, latest, target, setup=setup.describe(),
+                           tolerance=args.tolerance)
     print(f"against {latest['commit'][:10]} ({latest['date']}):")
     print(f"{'technique':<16}{'recorded':>10}{'measured':>10}{'ppl delta':>11}  status")
     for r in rows:
@@ -184,11 +243,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_allow_dirty(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="record from a working tree with uncommitted changes, as commit "
+                             "'<sha>-dirty' (otherwise refused)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="bk-bench",
         description="Honest speedups, quality deltas and correctness for adaptive-computation "
-                    "language models built on ResNet-BK.")
+                    "language models built on ResNet-BK.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="the main job: train, measure and report every technique")
@@ -196,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--techniques", nargs="+", help="only these registered techniques")
     p.add_argument("--record", action="store_true",
                    help="also write these measurements as this commit's baseline record")
+    add_allow_dirty(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train (or load) the dense baseline and score it")
@@ -219,8 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="record or check the per-commit baseline")
     p.add_argument("action", choices=["record", "check"])
     p.add_argument("--techniques", nargs="+", help="only these registered techniques")
-    p.add_argument("--tolerance", type=float,
+    p.add_argument("--tolerance", type=fraction,
                    help="relative speedup drop that fails the check (default: target.json)")
+    p.add_argument("--baselines", type=Path, default=BASELINES,
+                   help="folder with target.json and records/ (default: the repository's "
+                        "baselines/)")
+    add_allow_dirty(p)
     add_setup_arguments(p)
     p.set_defaults(func=cmd_baseline)
 
@@ -247,13 +318,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, MemoryError | torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError)
+        and any(m in text for m in ("can't allocate memory", "out of memory",
+                                    "not enough memory")))
+
+
+def _memory_advice(args: argparse.Namespace) -> str:
+    settings = [f"{flag} (now {getattr(args, dest)})" for dest, flag in MEMORY_SETTINGS.items()
+                if getattr(args, dest, None) is not None]
+    return f"lower {' or '.join(settings)}" if settings else "use smaller settings"
+
+
+def _terminate(signum: int, frame: Any) -> NoReturn:
+    # SIGTERM becomes SystemExit, so files being written are cleaned up on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; see EXIT_CODES. Bad input is one line on stderr and exit 2, never a
+    traceback."""
     args = build_parser().parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"bk-bench {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as err:
+        message = str(err)
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        first = next((line for line in str(err).splitlines() if line.strip()), "")
+        message = f"out of memory ({first.strip()[:160]}); {_memory_advice(args)}"
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    print(f"bk-bench {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -4,17 +4,27 @@ A technique is fine-tuned from the trained dense model; its reference is the den
 fine-tuned for the same steps with the same schedule (the "dense control"), so a quality delta
 never mistakes extra training for a property of the technique.
 
-Checkpoints are cached under ``<output>/checkpoints`` keyed by everything that determines them
-(corpus, model and training settings, technique and knobs), so `run`, `sweep`, `baseline` and
-`tune` share trained models instead of retraining.
+Checkpoints are cached under ``<output>/checkpoints``, keyed by everything that determines
+them (``Bench.request``): the corpus's content (``Corpus.fingerprint``), the model and training
+settings, the technique and its knobs, the model it starts from, and the code it runs
+(``code_fingerprint``: the modules defining the model's class, every ``bk`` module they import,
+and the training code, docstrings and comments ignored). So `run`, `sweep`, `baseline` and
+`tune` share trained models, an edit retrains exactly the models whose code it touches, and a
+cached checkpoint is checked against its request before it is used: a stale or damaged one is
+trained again, with a note on stderr. A lock per checkpoint makes a second process wait for the
+first one's model instead of training it again.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
+import inspect
 import json
-from collections.abc import Callable, Mapping
+import sys
+import types
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,11 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.files import locked
 from bench.measure import Comparison, Workload, compare
 from bench.registry import REFERENCE, Technique, get
 from bk.data import Corpus, load_corpus
 from bk.model import LanguageModel, ModelConfig
-from bk.train import Evaluation, TrainConfig, evaluate, load_model, train
+from bk.train import Evaluation, TrainConfig, evaluate, load_checkpoint, load_weights, train
+
+TRAINING_CODE = ("bk.train", "bk.data")  # every model's key covers these
+CONTROL = f"{REFERENCE}-control"
 
 
 @dataclass(frozen=True)
@@ -58,39 +72,199 @@ class Setup:
         return ModelConfig(vocab_size=len(corpus.vocab), n_seq=self.seq_len, **overrides)
 
     def describe(self) -> dict[str, Any]:
+        """The settings of a measurement, and the output folder (which does not change it)."""
         described = asdict(self)
         described["output"] = str(self.output)
         del described["progress"]
         return described
 
 
+# ----------------------------------------------------------------------------- code fingerprints
+
+BK_ROOT = Path(__file__).resolve().parent.parent / "bk"
+
+
+def module_file(name: str) -> Path:
+    """The source file of an importable module (``bk`` modules by their path in this tree)."""
+    if name == "bk" or name.startswith("bk."):
+        base = BK_ROOT.parent.joinpath(*name.split("."))
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+        raise ValueError(f"module {name} has no source file under {BK_ROOT}")
+    module = sys.modules.get(name)
+    source = getattr(module, "__file__", None)
+    if source is None or not Path(source).is_file():
+        raise ValueError(f"the source of module {name!r} cannot be found, so a checkpoint of a "
+                         "model defined there cannot be keyed by its code")
+    return Path(source)
+
+
 @functools.cache
-def code_fingerprint() -> str:
-    """A hash of the model code and the technique registrations: a checkpoint trained by other
-    code is never reused."""
-    root = Path(__file__).resolve().parent.parent
+def read_source(name: str) -> str:
+    """A module's source, read once per process (the code that runs is the code imported)."""
+    return module_file(name).read_text(encoding="utf-8")
+
+
+def _is_module(name: str) -> bool:
+    try:
+        module_file(name)
+    except ValueError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def _bk_imports(name: str, source: str) -> frozenset[str]:
+    """The ``bk`` modules a module imports (absolute or relative, at any depth in its body)."""
+    package = name if module_file(name).name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1])
+                base = f"{base}.{node.module}" if node.module else base
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names
+                         if _is_module(f"{base}.{alias.name}"))
+    return frozenset(m for m in found if m == "bk" or m.startswith("bk."))
+
+
+class _NoDocstrings(ast.NodeTransformer):
+    """Drops statements that are bare string constants (docstrings and string comments)."""
+
+    def visit_Expr(self, node: ast.Expr) -> ast.AST | None:
+        if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            return None
+        return node
+
+
+@functools.lru_cache(maxsize=256)
+def _normalised(source: str) -> str:
+    """A hash of the AST without docstrings or positions: comment, docstring and layout edits
+    leave it unchanged; any change to what the code does changes it."""
+    tree = _NoDocstrings().visit(ast.parse(source))
+    dumped = ast.dump(tree, annotate_fields=False, include_attributes=False)
+    return hashlib.sha256(dumped.encode()).hexdigest()
+
+
+def dependencies(roots: Iterable[str], read: Callable[[str], str] | None = None) -> list[str]:
+    """``roots``, their parent packages and every ``bk`` module they import, transitively
+    (sources from ``read``, by default ``read_source``)."""
+    read = read or read_source
+    seen: set[str] = set()
+    pending = list(roots)
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parent = name.rpartition(".")[0]
+        if parent:
+            pending.append(parent)
+        pending.extend(_bk_imports(name, read(name)) - seen)
+    return sorted(seen)
+
+
+def model_modules(model_class: type) -> list[str]:
+    """The modules defining ``model_class`` and its bases (up to ``nn.Module``)."""
+    return sorted({cls.__module__ for cls in model_class.__mro__
+                   if cls.__module__ != "builtins" and not cls.__module__.startswith("torch")})
+
+
+def code_fingerprint(model_class: type, read: Callable[[str], str] | None = None) -> str:
+    """A hash of the code a model of ``model_class`` depends on: the modules defining it and
+    its bases, the ``bk`` modules they import (transitively) and the training code, each
+    compared as a docstring-free AST."""
+    read = read or read_source
     digest = hashlib.sha256()
-    sources = [*(root / "bk").rglob("*.py"), *(root / "bench" / "techniques").glob("*.py")]
-    for path in sorted(sources):
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+    for name in dependencies([*model_modules(model_class), *TRAINING_CODE], read):
+        digest.update(f"{name}\n{_normalised(read(name))}\n".encode())
+    return digest.hexdigest()[:16]
 
 
-def _key(*parts: Any) -> str:
-    text = json.dumps([code_fingerprint(), *parts], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def callable_fingerprint(fn: Callable[..., Any] | None) -> str | None:
+    """A hash of a function's bytecode and constants and of the module-level functions it
+    calls from its own module (a technique's ``build`` maps knobs to constructor arguments, so
+    it determines the model as much as the class does). Classes are covered by
+    ``code_fingerprint``; docstrings and line numbers are left out."""
+    if fn is None or inspect.isclass(fn):
+        return None
+    digest = hashlib.sha256()
+    seen: set[int] = set()
+
+    def feed(code: types.CodeType, namespace: dict[str, Any], module: str, doc: str | None
+             ) -> None:
+        digest.update(code.co_code)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                feed(const, namespace, module, None)
+            elif not (doc is not None and const == doc):
+                digest.update(repr(const).encode())
+        digest.update(repr(code.co_names).encode())
+        for name in code.co_names:
+            target = namespace.get(name)
+            if (inspect.isfunction(target) and target.__module__ == module
+                    and id(target) not in seen):
+                seen.add(id(target))
+                feed(target.__code__, target.__globals__, module, target.__doc__)
+
+    function = getattr(fn, "__func__", fn)
+    if not inspect.isfunction(function):
+        raise ValueError(f"cannot fingerprint {fn!r}: expected a function or a class")
+    feed(function.__code__, function.__globals__, function.__module__, function.__doc__)
+    return digest.hexdigest()[:16]
+
+
+def request_key(request: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    return [f"{k}: {saved.get(k)!r} in the file, {wanted.get(k)!r} requested"
+            for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+
+
+def note(message: str) -> None:
+    print(f"bk-bench: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the bench
+
+@dataclass(frozen=True)
+class Plan:
+    """One cached model: where it lives and everything that determines it."""
+
+    name: str
+    path: Path
+    request: dict[str, Any]
+    train_config: TrainConfig
+
+    @property
+    def key(self) -> str:
+        return request_key(self.request)
 
 
 class Bench:
     """Trained models and workloads for one ``Setup``, built lazily and cached on disk."""
 
-    def __init__(self, setup: Setup) -> None:
+    def __init__(self, setup: Setup, corpus: Corpus | None = None) -> None:
+        """``corpus``: ``setup.corpus`` already loaded (loaded here when not given)."""
         self.setup = setup
-        self.corpus = load_corpus(setup.corpus)
+        self.corpus = load_corpus(setup.corpus) if corpus is None else corpus
         self._workload: Workload | None = None
         self._dense: LanguageModel | None = None
-        self._loaded: dict[Path, nn.Module] = {}  # fine-tuned models, loaded once per Bench
+        self._dense_plan: Plan | None = None
+        self._loaded: dict[str, nn.Module] = {}  # fine-tuned models, loaded once per Bench
         self._quality: dict[int, Evaluation] = {}  # by id() of a model this Bench holds
 
     @property
@@ -105,62 +279,140 @@ class Bench:
                 max_batches=self.setup.workload_batches)
         return self._workload
 
+    def plan(self, name: str, model_class: type, config: ModelConfig, train_config: TrainConfig,
+             knobs: Mapping[str, Any], parent: Plan | None = None,
+             code: Iterable[Callable[..., Any] | None] = ()) -> Plan:
+        """The cache entry of a model: its file is named by a hash of ``request``."""
+        request = _jsonable({
+            "model": name,
+            "class": f"{model_class.__module__}.{model_class.__qualname__}",
+            "code": code_fingerprint(model_class),
+            "build": [callable_fingerprint(fn) for fn in code],
+            "corpus": self.corpus.fingerprint,
+            "config": asdict(config),
+            "train": asdict(train_config),
+            "knobs": dict(knobs),
+            "parent": None if parent is None else parent.key,
+            "torch": torch.__version__,
+            "python": list(sys.version_info[:2]),
+        })
+        return Plan(name, self.checkpoints / f"{name}-{request_key(request)}.pt", request,
+                    train_config)
+
+    def dense_plan(self) -> Plan:
+        if self._dense_plan is None:
+            self._dense_plan = self.plan(REFERENCE, LanguageModel,
+                                         self.setup.model_config(self.corpus),
+                                         self.setup.train_config(), {})
+        return self._dense_plan
+
     def dense(self) -> LanguageModel:
         if self._dense is None:
-            config = self.setup.model_config(self.corpus)
-            train_config = self.setup.train_config()
-            key = _key(self.setup.corpus, asdict(config), asdict(train_config))
-            path = self.checkpoints / f"dense-{key}.pt"
-            if path.exists():
-                model, _ = load_model(path)
-            else:
+            plan = self.dense_plan()
+
+            def build() -> nn.Module:
                 torch.manual_seed(self.setup.seed)  # initial weights: same seed, same model
-                model = LanguageModel(config)
-                train(model, self.corpus, train_config, checkpoint=path,
+                return LanguageModel(ModelConfig(**plan.request["config"]))
+
+            def fit(model: nn.Module) -> None:
+                train(model, self.corpus, plan.train_config, checkpoint=plan.path,
                       progress=self.setup.progress, desc="train dense",
-                      meta={"technique": REFERENCE})
-            self._dense = model
+                      meta={"technique": REFERENCE, "request": plan.request})
+
+            self._dense = self._cached(plan, build, fit)
         return self._dense
+
+    def _cached(self, plan: Plan, build: Callable[[], nn.Module],
+                fit: Callable[[nn.Module], None]) -> nn.Module:
+        """The model of ``plan``: loaded from its checkpoint when that checks out against the
+        request, else built and trained (while holding the checkpoint's lock)."""
+        existed = plan.path.exists()
+        with locked(plan.path, on_wait=lambda: note(
+                f"waiting for another process to finish training {plan.path}")):
+            model = build()
+            if plan.path.exists():
+                problem = self._load_into(model, plan)
+                if problem is None:
+                    if not existed:
+                        note(f"reusing {plan.path}, trained by another process meanwhile")
+                    return model.eval()
+                note(f"{problem}; training it again")
+                model = build()
+            fit(model)
+        return model.eval()
+
+    def _load_into(self, model: nn.Module, plan: Plan) -> str | None:
+        """Load the checkpoint of ``plan`` into ``model``; the reason it cannot be used, if so."""
+        try:
+            saved = load_checkpoint(plan.path)
+        except ValueError as err:
+            return str(err)
+        what = f"checkpoint {plan.path}"
+        recorded = saved.meta.get("request")
+        if not isinstance(recorded, dict):
+            return f"{what} records no request (written by an older bk-bench)"
+        if recorded != plan.request:
+            return (f"{what} was trained for another request "
+                    f"({'; '.join(_differences(recorded, plan.request))})")
+        if asdict(saved.config) != plan.request["config"]:
+            return f"{what} holds a model of config {asdict(saved.config)}, not the requested one"
+        if saved.vocab != self.corpus.vocab:
+            return f"{what} holds another vocabulary than corpus {self.corpus.name}'s"
+        if saved.step != plan.train_config.steps:
+            return f"{what} was trained {saved.step} steps, not {plan.train_config.steps}"
+        try:
+            load_weights(model, saved.model_state, what)
+        except ValueError as err:
+            return str(err)
+        return None
 
     def _finetuned(self, name: str, build: Callable[[ModelConfig], nn.Module], steps: int,
                    knobs: dict[str, Any],
-                   schedule: Callable[[nn.Module, float], None] | None) -> nn.Module:
+                   schedule: Callable[[nn.Module, float], None] | None,
+                   code: Iterable[Callable[..., Any] | None] = ()) -> nn.Module:
         """``build`` initialised from the trained dense model and trained ``steps`` more steps."""
-        dense = self.dense()
-        train_config = self.setup.train_config(steps)
-        key = _key(self.setup.corpus, asdict(dense.cfg), asdict(self.setup.train_config()),
-                   name, knobs, asdict(train_config))
-        path = self.checkpoints / f"{name}-{key}.pt"
-        if path not in self._loaded:
-            self._loaded[path] = self._train_or_load(path, build, steps, train_config, name,
-                                                     knobs, schedule)
-        return self._loaded[path]
+        ident = json.dumps([name, knobs, steps], sort_keys=True, default=str)
+        if ident not in self._loaded:
+            dense = self.dense()
+            torch.manual_seed(self.setup.seed)  # the technique's new parameters
+            first = build(dense.cfg)  # its class tells which code the key covers
+            plan = self.plan(name, type(first), dense.cfg, self.setup.train_config(steps), knobs,
+                             self.dense_plan(), code)
+            self._loaded[ident] = self._train_or_load(plan, first, build, name, knobs, schedule)
+        return self._loaded[ident]
 
-    def _train_or_load(self, path: Path, build: Callable[[ModelConfig], nn.Module], steps: int,
-                       train_config: TrainConfig, name: str, knobs: dict[str, Any],
+    def _train_or_load(self, plan: Plan, first: nn.Module,
+                       build: Callable[[ModelConfig], nn.Module], name: str,
+                       knobs: dict[str, Any],
                        schedule: Callable[[nn.Module, float], None] | None) -> nn.Module:
-        if path.exists():
-            model, _ = load_model(path, build)
-            return model
         dense = self.dense()
-        torch.manual_seed(self.setup.seed)  # the technique's new parameters
-        model = build(dense.cfg)
-        unexpected = model.load_state_dict(dense.state_dict(), strict=False).unexpected_keys
-        if unexpected:
-            raise ValueError(f"technique {name!r} does not accept the dense weights "
-                             f"{unexpected}; keep the dense parameter names")
+        fresh = [first]
 
-        def on_step(step: int, m: nn.Module) -> None:
-            if schedule is not None:
-                schedule(m, step / max(1, steps))
+        def initial() -> nn.Module:
+            if fresh:
+                return fresh.pop()
+            torch.manual_seed(self.setup.seed)
+            return build(dense.cfg)
 
-        train(model, self.corpus, train_config, checkpoint=path, progress=self.setup.progress,
-              desc=f"fine-tune {name}", on_step=on_step,
-              meta={"technique": name, "knobs": knobs})
+        def fit(model: nn.Module) -> None:
+            unexpected = model.load_state_dict(dense.state_dict(), strict=False).unexpected_keys
+            if unexpected:
+                raise ValueError(f"technique {name!r} does not accept the dense weights "
+                                 f"{unexpected}; keep the dense parameter names")
+            steps = plan.train_config.steps
+
+            def on_step(step: int, m: nn.Module) -> None:
+                if schedule is not None:
+                    schedule(m, step / max(1, steps))
+
+            train(model, self.corpus, plan.train_config, checkpoint=plan.path,
+                  progress=self.setup.progress, desc=f"fine-tune {name}", on_step=on_step,
+                  meta={"technique": name, "knobs": knobs, "request": plan.request})
+
+        model = self._cached(plan, initial, fit)
         if schedule is not None:
-            schedule(model, 1.0)
-        model.eval()
-        return model
+            schedule(model, 1.0)  # the state training ends in, whether trained or loaded
+        return model.eval()
 
     def finetune_steps(self, technique: Technique) -> int:
         return round(self.setup.steps * technique.finetune_fraction)
@@ -173,7 +425,8 @@ class Bench:
             return self.dense()
         values = technique.resolve(knobs)
         return self._finetuned(technique.name, lambda config: technique.build(config, values),
-                               self.finetune_steps(technique), values, technique.schedule)
+                               self.finetune_steps(technique), values, technique.schedule,
+                               code=(technique.build, technique.schedule))
 
     def reference(self, technique: Technique | str) -> LanguageModel:
         """The dense model trained exactly as long as the technique: its fine-tuning steps
@@ -182,7 +435,7 @@ class Bench:
         steps = self.finetune_steps(technique)
         if technique.name == REFERENCE or steps == 0 or not technique.updates_weights:
             return self.dense()
-        return self._finetuned(f"{REFERENCE}-control", LanguageModel, steps, {}, None)
+        return self._finetuned(CONTROL, LanguageModel, steps, {}, None)
 
     def measure(self, technique: Technique | str,
                 knobs: Mapping[str, Any] | None = None) -> Comparison:

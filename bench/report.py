@@ -14,14 +14,13 @@ import itertools
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.baselines import BASELINES, Target, history
-from bench.files import read_json, write_atomic
+from bench.files import figure_writer, read_json, write_atomic
 
 GAP_FLAG = 1.5  # FLOPs and wall speedups differing by more than this factor are flagged
 ASV_DEFAULT_THRESHOLD = 0.05  # asv's own default when no regressions_thresholds regex matches
@@ -103,13 +102,26 @@ def load_results(path: Path) -> RunResults:
     if not isinstance(data, dict) or not isinstance(data.get("record"), dict):
         raise ValueError(f"{path} is not a bk-bench results file (expected a 'record' object "
                          "or a list of rows)")
-    record = data["record"]
+    record = _run_record(data["record"], str(path))
     raw = data.get("rows")
     if raw is None:  # only the record: its techniques lack the dense A/A row and the stats
         raw = [{"technique": name, **row} for name, row in record.get("techniques", {}).items()]
     if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
         raise ValueError(f"{path}: 'rows' must be a list of objects")
     return RunResults(path, record, [technique_row(r, str(path)) for r in raw])
+
+
+def _run_record(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """The record of a results file, its fields checked where the page reads them."""
+    for name in ("setup", "machine", "quality", "cumulative", "techniques"):
+        if not isinstance(record.get(name, {}), dict):
+            raise ValueError(f"{where}: record field {name!r} is not an object")
+    for name, value in record.get("quality", {}).items():
+        _number(value, f"{where}: record quality {name}", required=True)
+    if record.get("cumulative"):
+        _number(record["cumulative"].get("speedup"), f"{where}: record cumulative speedup",
+                required=True)
+    return record
 
 
 @dataclass(frozen=True)
@@ -132,12 +144,16 @@ class Tuning:
     problem: str | None = None
 
 
-def _json_object(path: Path) -> dict[str, Any] | None:
+def _json_object(path: Path, objects: Sequence[str] = ()) -> dict[str, Any] | None:
+    """A JSON object file (None when missing); the fields ``objects`` must be objects or null."""
     if not path.is_file():
         return None
     data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a JSON object")
+    for name in objects:
+        if not isinstance(data.get(name) or {}, dict):
+            raise ValueError(f"{path}: field {name!r} is not an object")
     return data
 
 
@@ -147,8 +163,9 @@ def load_tuning(folder: Path, budget: float) -> Tuning:
     optimization_metadata.json (the tuner's max_degradation replaces ``budget`` here)."""
     if not folder.is_dir():
         raise ValueError(f"tuning folder {folder} does not exist")
-    best = _json_object(folder / "best_config.json")
-    settings = (_json_object(folder / "optimization_metadata.json") or {}).get("settings") or {}
+    best = _json_object(folder / "best_config.json", ("knobs", "figures"))
+    settings = (_json_object(folder / "optimization_metadata.json", ("settings",))
+                or {}).get("settings") or {}
     name = str(settings.get("technique") or (best or {}).get("technique") or folder.name)
     limit = settings.get("max_degradation", (best or {}).get("max_degradation"))
     budget = budget if limit is None else _number(limit, f"{folder} max_degradation",
@@ -171,15 +188,19 @@ def load_tuning(folder: Path, budget: float) -> Tuning:
             skipped += 1  # running, failed or pruned: no measured point to show
             continue
         what = f"{results_path}: trial {t.get('number', i)}"
+        number, knobs = t.get("number", i), t.get("knobs") or {}
+        if isinstance(number, bool) or not isinstance(number, int) or not isinstance(knobs,
+                                                                                     dict):
+            raise ValueError(f"{what}: expected an integer 'number' and a 'knobs' object")
         speedup = _number(figures.get("wall_speedup"), f"{what} wall_speedup")
         delta = _number(figures.get("quality_delta"), f"{what} quality_delta")
         if speedup is None or delta is None:
             skipped += 1
             continue
         feasible = t.get("feasible")
-        trials.append(Trial(int(t.get("number", i)), speedup, delta,
+        trials.append(Trial(number, speedup, delta,
                             feasible if isinstance(feasible, bool) else delta <= budget,
-                            dict(t.get("knobs") or {})))
+                            dict(knobs)))
     return Tuning(folder, name, trials, best, skipped, budget)
 
 
@@ -316,7 +337,7 @@ def load_asv(results_dir: Path, config: Path) -> AsvSummary:
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures (matplotlib, Agg backend). Each PNG is written to a temporary file, then os.replace'd.
+# Figures (matplotlib, Agg backend), each PNG written atomically (bench.files).
 
 
 def _pyplot() -> Any:
@@ -331,14 +352,9 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        write_atomic(path, figure_writer(fig))
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         fig.clf()
         _pyplot().close(fig)
 
@@ -668,7 +684,10 @@ def external_hosts(page: str) -> list[str]:
 
 
 def _rel(path: Path, out: Path) -> str:
-    return Path(os.path.relpath(Path(path).resolve(), out.resolve())).as_posix()
+    """A relative link to ``path``; a published result file (a symlink into its set) is linked
+    by its public name, which outlives the set it points at now."""
+    path = Path(path).parent.resolve() / Path(path).name
+    return Path(os.path.relpath(path, out.resolve())).as_posix()
 
 
 STYLE = """

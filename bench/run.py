@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from bench.baselines import Target, make_record
-from bench.files import dump_json, write_atomic
+from bench.files import dump_json, figure_writer, publish
 from bench.measure import Comparison
 from bench.pipeline import Bench, Setup
 from bench.registry import REFERENCE, techniques
@@ -58,8 +59,8 @@ def render(df: pd.DataFrame, extra: Iterable[str] = ()) -> str:
     return shown.to_string(index=False, formatters=formats)
 
 
-def plot(df: pd.DataFrame, path: Path, target: Target) -> None:
-    """Wall speedup next to FLOPs speedup and 1/work ratio per technique (seaborn)."""
+def plot(df: pd.DataFrame, target: Target) -> bytes:
+    """Wall speedup next to FLOPs speedup and 1/work ratio per technique (seaborn), as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,9 +79,10 @@ def plot(df: pd.DataFrame, path: Path, target: Target) -> None:
     ax.set_xlabel("x over the dense baseline (wall speedup is the measured one)")
     ax.set_title(f"bk-bench: speedups (target {target.cumulative_speedup:g}x cumulative)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    figure_writer(fig)(png)
     plt.close(fig)
+    return png.getvalue()
 
 
 def baseline_quality(bench: Bench) -> dict[str, float]:
@@ -104,7 +106,8 @@ def measure_all(bench: Bench, names: Iterable[str] | None = None) -> list[Compar
 
 def run(setup: Setup, names: Iterable[str] | None = None,
         commit: str = "uncommitted") -> dict[str, Any]:
-    """Measure everything, print the table, write results.json, results.csv and speedups.png."""
+    """Measure everything, print the table, write results.json, results.csv and speedups.png
+    as one set (``bench.files.publish``: a reader never sees files of two runs)."""
     bench = Bench(setup)
     target = Target.load()
     bench.dense()
@@ -116,10 +119,10 @@ def run(setup: Setup, names: Iterable[str] | None = None,
                          target, commit)
     record["quality"] = quality
     out = setup.output
-    write_atomic(out / "results.json", dump_json({"record": record,
-                                                  "rows": _clean(df.to_dict("records"))}))
-    write_atomic(out / "results.csv", df.to_csv(index=False))
-    plot(df, out / "speedups.png", target)
+    publish(out, "results", {
+        "results.json": dump_json({"record": record, "rows": _clean(df.to_dict("records"))}),
+        "results.csv": df.to_csv(index=False),
+        "speedups.png": plot(df, target)})
     print(render(df))
     print(f"\ndense test: {quality['dense_test_bits']:.3f} bits/char (perplexity "
           f"{quality['dense_test_perplexity']:.2f}); unigram {quality['unigram_test_bits']:.3f}, "
@@ -161,7 +164,7 @@ def sweep(setup: Setup, technique: str, knob: str, values: list[Any],
     name = "-".join(filter(None, [technique, knob, settings, f"n{setup.seq_len}", scale,
                                   f"s{setup.steps}"]))
     out = setup.output / "sweeps" / name
-    write_atomic(out.with_suffix(".csv"), df.to_csv(index=False))
-    write_atomic(out.with_suffix(".json"), dump_json(_clean(df.to_dict("records"))))
+    publish(out.parent, name, {f"{name}.csv": df.to_csv(index=False),
+                               f"{name}.json": dump_json(_clean(df.to_dict("records")))})
     return df, out
 

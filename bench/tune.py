@@ -12,18 +12,20 @@ behind a penalty value.
 Any number of workers share one study through Optuna's RDB storage (SQLite by default,
 PostgreSQL across machines). Heartbeats mark a killed worker's trial FAIL and
 ``RetryHeartbeatStaleTrialCallback`` queues it again; every worker keeps the shared count of
-trials exact (see ``_Worker``).
+trials exact (see ``_Worker``). A Bayesian sampler is seeded per trial from ``--seed`` and the
+trial number, so workers explore different points and a study repeats with its seed. The first
+worker records the study's settings (search, budget, setup, corpus content); a worker with other
+settings is refused, naming the settings that differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
-import os
 import platform
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -36,10 +38,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from bench.cli import add_setup_arguments, parse_values, positive_int, setup_from
-from bench.files import dump_json, read_json, write_atomic
+from bench.files import dump_json, figure_writer, publish, read_json, write_atomic
 from bench.measure import Comparison
 from bench.pipeline import Bench, Setup
 from bench.registry import Knob, Technique, get
+from bk.data import Corpus, load_corpus
+from bk.train import TrainingDiverged
 
 # (study direction, what the value is) for each --score-metric.
 SCORES = {
@@ -134,14 +138,55 @@ def score(metric: str, c: Comparison, n_layers: int) -> float:
     raise ValueError(f"unknown score metric {metric!r}; expected one of {sorted(SCORES)}")
 
 
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler made afresh for every trial, seeded from ``(seed, trial number)``.
+
+    Optuna numbers trials atomically across workers, so concurrent workers never draw the same
+    random points (one seed per process would make them propose identical trials), and a study
+    repeats given its seed. TPE and GP keep no state between trials beyond the study itself.
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make, self._seed = make, seed
+        self._inner = make(seed)
+
+    def trial_seed(self, number: int) -> int:
+        return int(np.random.SeedSequence([self._seed, number]).generate_state(1)[0])
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._inner = self._make(self.trial_seed(trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
+                                    ) -> dict[str, Any]:
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, Any]) -> dict[str, Any]:
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: Any) -> Any:
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
 def make_sampler(method: str, sampler: str, space: dict[str, list[Any]],
                  seed: int) -> optuna.samplers.BaseSampler:
+    """Grid: one seed for all workers (GridSampler gives trial k grid point k of one shuffled
+    order, which workers must share). Bayesian: seeded per trial (``TrialSeededSampler``)."""
     if method == "grid":
         return optuna.samplers.GridSampler(space, seed=seed)
     if sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return TrialSeededSampler(lambda s: optuna.samplers.TPESampler(seed=s), seed)
     if sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
+        return TrialSeededSampler(lambda s: optuna.samplers.GPSampler(seed=s), seed)
     raise ValueError(f"unknown sampler {sampler!r}; expected tpe or gp")
 
 
@@ -162,13 +207,20 @@ def open_storage(url: str, heartbeat_interval: int,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError,
-                sqlalchemy.exc.ProgrammingError):
+                sqlalchemy.exc.ProgrammingError) as err:
             # Workers starting together on a fresh database race to create its tables; the
             # loser finds them created on the next attempt.
             if attempt == 4:
-                raise
+                raise _storage_error(url, err) from err
             time.sleep(0.5 * (attempt + 1))
+        except sqlalchemy.exc.SQLAlchemyError as err:  # a malformed URL, a missing driver
+            raise _storage_error(url, err) from err
     raise AssertionError("unreachable")
+
+
+def _storage_error(url: str, err: Exception) -> ValueError:
+    reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return ValueError(f"cannot open the study storage {_redacted(url)}: {reason.strip()}")
 
 
 def _with_installed_driver(url: str) -> str:
@@ -244,7 +296,11 @@ class _Worker:
             if twin is not None:
                 trial.set_user_attr("duplicate_of", twin.number)
                 raise optuna.TrialPruned(f"grid point already taken by trial {twin.number}")
-        c = self.measure(s.technique, knobs)
+        try:
+            c = self.measure(s.technique, knobs)
+        except TrainingDiverged as err:
+            trial.set_user_attr("error", str(err))
+            raise MeasurementError(str(err)) from err
         trial.set_user_attr("figures", figures(c))
         delta = c.quality_delta
         if delta is None or not math.isfinite(delta):
@@ -359,7 +415,7 @@ def _knobs_text(knobs: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in knobs.items())
 
 
-def _plot_grid_heatmap(settings: Settings, records: Sequence[dict[str, Any]], path: Path) -> None:
+def _plot_grid_heatmap(settings: Settings, records: Sequence[dict[str, Any]]) -> bytes:
     """Wall speedup over a two-knob grid; infeasible cells hatched and marked 'x'."""
     import matplotlib
 
@@ -388,11 +444,11 @@ def _plot_grid_heatmap(settings: Settings, records: Sequence[dict[str, Any]], pa
     ax.set_title(f"{settings.technique.name}: wall speedup (red hatch: ppl delta > "
                  f"+{settings.max_degradation:.1%})")
     fig.tight_layout()
-    _save(fig, path)
+    return _png(fig)
 
 
 def _plot_pareto(settings: Settings, records: Sequence[dict[str, Any]],
-                 front: Sequence[dict[str, Any]], path: Path) -> None:
+                 front: Sequence[dict[str, Any]]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -414,22 +470,18 @@ def _plot_pareto(settings: Settings, records: Sequence[dict[str, Any]],
     ax.set_title(f"{settings.technique.name}: speedup against quality")
     ax.legend()
     fig.tight_layout()
-    _save(fig, path)
+    return _png(fig)
 
 
-def _save(fig: Any, path: Path) -> None:
-    """Render to a temporary file and rename, like ``write_atomic``."""
+def _png(fig: Any) -> bytes:
     import matplotlib.pyplot as plt
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
-    os.close(fd)
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        figure_writer(fig)(png)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return png.getvalue()
 
 
 def package_versions() -> dict[str, str]:
@@ -446,38 +498,42 @@ def package_versions() -> dict[str, str]:
 
 def write_outputs(out: Path, study: optuna.Study, settings: Settings, setup: Setup,
                   storage_url: str) -> dict[str, Any] | None:
-    """Write every result file from the study's current state; return the best record."""
+    """Write every result file from the study's current state, as one set
+    (``bench.files.publish``); return the best record."""
     records = [trial_record(t) for t in study.get_trials(deepcopy=False)]
     best = best_record(study, records)
     front = pareto_front(records)
-    write_atomic(out / "optimization_results.json", dump_json({
-        "study": study.study_name, "trials": records,
-        "pareto_front": [r["number"] for r in front]}))
     reference = next((r["figures"].get("reference_perplexity") for r in records
                       if r["figures"].get("reference_perplexity") is not None), None)
-    write_atomic(out / "optimization_metadata.json", dump_json({
-        "study": study.study_name, "storage": _redacted(storage_url),
-        "written": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings": settings.describe(), "setup": setup.describe(),
-        "finetune_steps": round(setup.steps * settings.technique.finetune_fraction),
-        "baseline": {"reference_test_perplexity": reference,
-                     "reference": "dense model trained as long as each candidate "
-                                  "(Bench.reference: the dense control)",
-                     "quality_batches": setup.quality_batches},
-        "packages": package_versions()}))
-    write_atomic(out / "best_config.json", dump_json(
-        {"technique": settings.technique.name, "feasible": False, "knobs": None,
-         "reason": f"no trial within +{settings.max_degradation:.1%} test perplexity"}
-        if best is None else
-        {"technique": settings.technique.name, "feasible": True, "trial": best["number"],
-         "knobs": best["knobs"], "score_metric": settings.metric, "score": best["value"],
-         "figures": best["figures"], "max_degradation": settings.max_degradation,
-         "finetune_fraction": settings.technique.finetune_fraction}))
-    write_atomic(out / "optimization_summary.txt", summary_text(settings, records, best, front))
+    files: dict[str, str | bytes] = {
+        "optimization_results.json": dump_json({
+            "study": study.study_name, "trials": records,
+            "pareto_front": [r["number"] for r in front]}),
+        "optimization_metadata.json": dump_json({
+            "study": study.study_name, "storage": _redacted(storage_url),
+            "written": datetime.now(UTC).isoformat(timespec="seconds"),
+            "settings": settings.describe(), "setup": setup.describe(),
+            "finetune_steps": round(setup.steps * settings.technique.finetune_fraction),
+            "baseline": {"reference_test_perplexity": reference,
+                         "reference": "dense model trained as long as each candidate "
+                                      "(Bench.reference: the dense control)",
+                         "quality_batches": setup.quality_batches},
+            "packages": package_versions()}),
+        "best_config.json": dump_json(
+            {"technique": settings.technique.name, "feasible": False, "knobs": None,
+             "reason": f"no trial within +{settings.max_degradation:.1%} test perplexity"}
+            if best is None else
+            {"technique": settings.technique.name, "feasible": True, "trial": best["number"],
+             "knobs": best["knobs"], "score_metric": settings.metric, "score": best["value"],
+             "figures": best["figures"], "max_degradation": settings.max_degradation,
+             "finetune_fraction": settings.technique.finetune_fraction}),
+        "optimization_summary.txt": summary_text(settings, records, best, front),
+    }
     if any(r["state"] == "COMPLETE" for r in records):
-        _plot_pareto(settings, records, front, out / "pareto.png")
+        files["pareto.png"] = _plot_pareto(settings, records, front)
         if settings.method == "grid" and len(settings.space) == 2:
-            _plot_grid_heatmap(settings, records, out / "grid_heatmap.png")
+            files["grid_heatmap.png"] = _plot_grid_heatmap(settings, records)
+    publish(out, "tune", files)
     return best
 
 
@@ -566,21 +622,60 @@ def _settings(args: argparse.Namespace, technique: Technique) -> Settings:
                     explicit, space, target)
 
 
-def _open_study(args: argparse.Namespace, settings: Settings, storage_url: str) -> optuna.Study:
-    storage = open_storage(storage_url, args.heartbeat_interval, args.grace_period)
-    name = args.study or f"tune-{settings.technique.name}"
-    study = optuna.create_study(
-        storage=storage, study_name=name, load_if_exists=True,
-        direction=SCORES[settings.metric][0],
-        sampler=make_sampler(settings.method, settings.sampler, settings.space, args.seed))
+def study_settings(settings: Settings, setup: Setup, corpus: Corpus) -> dict[str, Any]:
+    """What every worker of a study must agree on: the search, the budget, the measurement
+    setup and the corpus's content."""
     described = json.loads(dump_json(settings.describe()))
     described["finetune_fraction"] = settings.technique.finetune_fraction
-    stored = study.user_attrs.get("settings")
-    if stored is None:
+    described["setup"] = {k: v for k, v in setup.describe().items() if k != "output"}
+    described["corpus_fingerprint"] = corpus.fingerprint
+    return described
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def settings_differences(stored: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
+    a, b = _flat(stored), _flat(ours)
+    return [f"{k}: study {a.get(k)!r}, this worker {b.get(k)!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _open_study(args: argparse.Namespace, settings: Settings, setup: Setup, corpus: Corpus,
+                storage_url: str, wait_seconds: float = 30.0) -> optuna.Study:
+    """Create the study and record its settings, or join it if they are ours; a worker with
+    other settings raises ``ValueError`` naming them. Only the creator records the settings,
+    so two workers starting at once never overwrite each other's."""
+    storage = open_storage(storage_url, args.heartbeat_interval, args.grace_period)
+    name = args.study or f"tune-{settings.technique.name}"
+    sampler = make_sampler(settings.method, settings.sampler, settings.space, args.seed)
+    described = study_settings(settings, setup, corpus)
+    try:
+        study = optuna.create_study(storage=storage, study_name=name,
+                                    direction=SCORES[settings.metric][0], sampler=sampler)
         study.set_user_attr("settings", described)
-    elif stored != described:
-        raise ValueError(f"study {name!r} in {_redacted(storage_url)} was created with settings "
-                         f"{stored}, not {described}; use another --study name")
+        return study
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    deadline = time.monotonic() + wait_seconds
+    while (stored := study.user_attrs.get("settings")) is None:  # the creator is recording
+        if time.monotonic() > deadline:
+            raise ValueError(f"study {name!r} in {_redacted(storage_url)} records no settings "
+                             "(made by another tool, or its creator stopped before recording "
+                             "them); use another --study name")
+        time.sleep(0.2)
+    differ = settings_differences(stored, described)
+    if differ:
+        raise ValueError(f"study {name!r} in {_redacted(storage_url)} was created with other "
+                         f"settings ({'; '.join(differ)}); join it with the study's settings, "
+                         "or use another --study name")
     return study
 
 
@@ -596,9 +691,11 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args, technique)
     out.mkdir(parents=True, exist_ok=True)
     storage_url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    study = _open_study(args, settings, storage_url)
-    bench = _LazyBench(setup)
-    _Worker(study, settings, bench.measure, bench.n_layers, setup.progress,
+    corpus = load_corpus(setup.corpus)  # read once: the study's fingerprint is of this data
+    study = _open_study(args, settings, setup, corpus, storage_url)
+    bench = Bench(setup, corpus)
+    n_layers = setup.model_config(corpus).n_layers
+    _Worker(study, settings, bench.measure, lambda: n_layers, setup.progress,
             poll_seconds=min(5, args.heartbeat_interval)).run()
     best = write_outputs(out, study, settings, setup, storage_url)
     print((out / "optimization_summary.txt").read_text(), end="")
@@ -607,26 +704,6 @@ def run(args: argparse.Namespace) -> int:
           + (", grid_heatmap.png" if settings.method == "grid" and len(settings.space) == 2
              else ""))
     return 0 if best is not None else 1
-
-
-class _LazyBench:
-    """The Bench, built on first use: a worker that finds the study done loads no corpus."""
-
-    def __init__(self, setup: Setup) -> None:
-        self.setup = setup
-        self._bench: Bench | None = None
-
-    @property
-    def bench(self) -> Bench:
-        if self._bench is None:
-            self._bench = Bench(self.setup)
-        return self._bench
-
-    def measure(self, technique: Technique, knobs: dict[str, Any]) -> Comparison:
-        return self.bench.measure(technique, knobs)
-
-    def n_layers(self) -> int:
-        return self.setup.model_config(self.bench.corpus).n_layers
 
 
 def validate(path: Path, technique: Technique, setup: Setup, out: Path,

@@ -43,14 +43,17 @@ Token order in every vocabulary: by descending train-split frequency, ties broke
 (code point order); tokens never seen in train come last. Frequent-first order is what adaptive
 softmax cutoffs expect.
 
-Loaded corpora are cached in memory per ``(spec, options)``; the returned tensors are shared, so
-do not modify them in place.
+The built-in corpora are cached in memory per ``(spec, options)``; the returned tensors are
+shared, so do not modify them in place. ``text:PATH`` corpora are read afresh on every call (the
+files may change). :attr:`Corpus.fingerprint` identifies a corpus by its content (vocabulary and
+token streams), never by its spec or path.
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import html
 import importlib.resources
 import re
@@ -236,6 +239,19 @@ class Corpus:
     valid: Tensor
     test: Tensor
     entropy_rate: float | None = None  # exact nats/token when known (synthetic source)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of the content: vocabulary (level, tokens in order) and the three token
+        streams. Corpora with equal fingerprints train the same models, whatever spec or path
+        they were loaded from; any edit to the data changes it."""
+        digest = hashlib.sha256()
+        digest.update(repr((self.vocab.level, self.vocab.tokens)).encode("utf-8"))
+        for split in SPLITS:
+            stream = self.split(split).to(torch.int64).contiguous()
+            digest.update(f"|{split}:{stream.numel()}|".encode())
+            digest.update(stream.numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def split(self, split: str) -> Tensor:
         """The token stream of ``"train"``, ``"valid"`` (alias ``"validation"``) or ``"test"``."""

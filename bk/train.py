@@ -2,15 +2,18 @@
 
 Training is AdamW with linear warm-up and cosine decay, gradient-norm clipping, seeded batches
 and a resumable checkpoint. A checkpoint holds the model config, the vocabulary, the weights,
-the optimiser and the step; it is written atomically and read with ``weights_only=True``.
+the optimiser and the step; it is written atomically and read with ``weights_only=True``, and
+every field is checked on reading (a damaged file is a one-line error naming it). Training that
+ends with non-finite weights raises ``TrainingDiverged`` instead of writing a checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import os
-import tempfile
+import pickle
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bk.atomic import write_file
 from bk.data import Corpus, Vocabulary
 from bk.model import LanguageModel, ModelConfig
 
@@ -104,7 +108,7 @@ def train(model: nn.Module, corpus: Corpus, cfg: TrainConfig, *,
     start = 0
     if resume and checkpoint is not None and checkpoint.exists():
         saved = load_checkpoint(checkpoint)
-        model.load_state_dict(saved.model_state)
+        load_weights(model, saved.model_state, f"checkpoint {checkpoint}")
         if saved.optimizer_state is not None:
             optimizer.load_state_dict(saved.optimizer_state)
         start = saved.step
@@ -138,6 +142,10 @@ def train(model: nn.Module, corpus: Corpus, cfg: TrainConfig, *,
             model.train()
     result.seconds = time.perf_counter() - began
     model.eval()
+    bad = non_finite(model.state_dict())
+    if bad:
+        raise TrainingDiverged(f"{desc} diverged: NaN or infinite weights in {bad[:5]} after "
+                               f"{result.steps} steps (lr {cfg.lr}); no checkpoint written")
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, corpus.vocab, step=result.steps,
                         optimizer=optimizer, meta=meta)
@@ -154,12 +162,53 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
+FORMAT = "bk-checkpoint-1"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+class TrainingDiverged(ValueError):
+    """Training ended with non-finite weights; no checkpoint was written."""
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of a state dict holding NaN or infinity."""
+    return [name for name, tensor in state.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def content_digest(value: Any) -> str:
+    """SHA-256 of nested dicts, lists, tensors and plain values (dict keys sorted). A checkpoint
+    stores the digest of its content, so damaged bytes that torch does not detect (weights,
+    vocabulary, settings) are caught on reading."""
+    digest = hashlib.sha256()
+
+    def feed(item: Any) -> None:
+        if isinstance(item, torch.Tensor):
+            tensor = item.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(item, dict):
+            digest.update(f"D{len(item)}".encode())
+            for key in sorted(item, key=repr):
+                feed(key)
+                feed(item[key])
+        elif isinstance(item, list | tuple):
+            digest.update(f"L{len(item)}".encode())
+            for element in item:
+                feed(element)
+        else:
+            digest.update(f"V{item!r};".encode())
+
+    feed(value)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, model: nn.Module, vocab: Vocabulary, *, step: int,
                     optimizer: torch.optim.Optimizer | None = None,
                     meta: dict[str, Any] | None = None) -> None:
-    """Write a checkpoint atomically (a temporary file renamed over the target)."""
+    """Write a checkpoint atomically (``bk.atomic``: a temporary renamed over the target)."""
     payload = {
-        "format": "bk-checkpoint-1",
+        "format": FORMAT,
         "config": asdict(model.cfg),
         "vocab": {"tokens": list(vocab.tokens), "level": vocab.level},
         "model_state": model.state_dict(),
@@ -167,36 +216,86 @@ def save_checkpoint(path: Path, model: nn.Module, vocab: Vocabulary, *, step: in
         "step": step,
         "meta": meta or {},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    payload["sha256"] = content_digest(payload)
+    write_file(Path(path), lambda handle: torch.save(payload, handle))
+
+
+def _first_line(text: object) -> str:
+    """The first sentence of a (possibly multi-line) message."""
+    line = next((part.strip() for part in str(text).splitlines() if part.strip()), "")
+    return line.split(". ")[0].rstrip(".")[:200]
+
+
+def _read_payload(path: Path) -> Any:
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if not head:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes)")
+    if head != _ZIP_MAGIC:
+        raise ValueError(f"checkpoint {path} is not a torch checkpoint (no zip archive header): "
+                         "corrupt, or another kind of file")
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err).partition("WeightsUnpickler error:")[2] or str(err)
+        raise ValueError(f"checkpoint {path} is corrupt or holds objects other than tensors and "
+                         f"plain values (torch.load(weights_only=True) refused it: "
+                         f"{_first_line(detail)})") from None
+    except Exception as err:  # torch raises several types for truncated or damaged archives
+        raise ValueError(f"checkpoint {path} is corrupt or truncated "
+                         f"({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _field(payload: dict[str, Any], name: str, kind: type | tuple[type, ...], path: Path) -> Any:
+    if name not in payload:
+        raise ValueError(f"checkpoint {path} lacks the field {name!r}")
+    value = payload[name]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise ValueError(f"checkpoint {path}: field {name!r} is a {type(value).__name__}, "
+                         f"expected {getattr(kind, '__name__', kind)}")
+    return value
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a checkpoint; a missing, corrupt or foreign file raises ``ValueError``."""
+    """Read and check a checkpoint. A missing file raises ``FileNotFoundError``; a corrupt,
+    foreign or malformed one a one-line ``ValueError`` naming the file and what is wrong
+    (including NaN or infinite weights)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    payload = _read_payload(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path} is not a bk checkpoint (expected format {FORMAT!r})")
+    recorded = payload.pop("sha256", None)  # absent in checkpoints of older versions
+    if recorded is not None and recorded != content_digest(payload):
+        raise ValueError(f"checkpoint {path} is corrupt: its content does not match the hash "
+                         "written with it")
+    config = _field(payload, "config", dict, path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {err}") from err
-    if not isinstance(payload, dict) or payload.get("format") != "bk-checkpoint-1":
-        raise ValueError(f"{path} is not a bk checkpoint (expected format 'bk-checkpoint-1')")
+        config = ModelConfig(**config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint {path}: field 'config' is invalid: {err}") from None
+    vocab = _field(payload, "vocab", dict, path)
     try:
-        config = ModelConfig(**payload["config"])
-        vocab = Vocabulary(tuple(payload["vocab"]["tokens"]), payload["vocab"]["level"])
-        return Checkpoint(config, vocab, payload["model_state"], payload["optimizer_state"],
-                          int(payload["step"]), dict(payload["meta"]))
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"checkpoint {path} is missing or has malformed fields: {err}") from err
+        vocab = Vocabulary(tuple(vocab["tokens"]), vocab["level"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint {path}: field 'vocab' is invalid: {err!s}") from None
+    state = _field(payload, "model_state", dict, path)
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"checkpoint {path}: field 'model_state' must map names to tensors")
+    bad = non_finite(state)
+    if bad:
+        raise ValueError(f"checkpoint {path} holds NaN or infinite weights in {bad[:5]}")
+    optimizer_state = payload.get("optimizer_state")
+    if optimizer_state is not None and not isinstance(optimizer_state, dict):
+        raise ValueError(f"checkpoint {path}: field 'optimizer_state' must be a dict or None")
+    step = _field(payload, "step", int, path)
+    if step < 0:
+        raise ValueError(f"checkpoint {path}: field 'step' is {step}, expected >= 0")
+    meta = _field(payload, "meta", dict, path)
+    return Checkpoint(config, vocab, state, optimizer_state, step, meta)
 
 
 def load_model(path: Path, build: Callable[[ModelConfig], nn.Module] = LanguageModel
@@ -204,9 +303,22 @@ def load_model(path: Path, build: Callable[[ModelConfig], nn.Module] = LanguageM
     """Rebuild a model from a checkpoint; a weight/shape mismatch raises ``ValueError``."""
     saved = load_checkpoint(path)
     model = build(saved.config)
-    try:
-        model.load_state_dict(saved.model_state)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {path} does not match the model being built: {err}") from err
+    load_weights(model, saved.model_state, f"checkpoint {path}")
     model.eval()
     return model, saved
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state)``, with any mismatch named on one line."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        problems = [f"{label} {names[:5]}" for label, names in
+                    (("missing weights", missing), ("unexpected weights", unexpected),
+                     ("shapes differ:", shapes)) if names]
+        raise ValueError(f"{source} does not match the model being built "
+                         f"({type(model).__name__}): {'; '.join(problems)}")
+    model.load_state_dict(state)

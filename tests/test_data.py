@@ -479,3 +479,25 @@ def test_unknown_spec_raises_value_error_listing_valid_forms():
         load_corpus("text:/tmp/x.txt", level="byte")
     with pytest.raises(ValueError, match="no options"):
         load_corpus("shakespeare", seed=1)
+
+
+def test_the_fingerprint_is_the_content_not_the_spec_or_the_path(tmp_path: Path):
+    # Checkpoints keyed by "text:PATH" once survived an edit of the file at PATH.
+    text = "to be or not to be, that is the question " * 40
+    a, b = tmp_path / "a.txt", tmp_path / "elsewhere" / "b.txt"
+    b.parent.mkdir()
+    a.write_text(text)
+    b.write_text(text)
+    first = load_corpus(f"text:{a}").fingerprint
+    assert load_corpus(f"text:{b}").fingerprint == first
+    a.write_text(text.replace("to be", "ot be", 1))  # same characters, same length
+    assert load_corpus(f"text:{a}").vocab == load_corpus(f"text:{b}").vocab
+    assert load_corpus(f"text:{a}").fingerprint != first
+    assert load_corpus(f"text:{b}:word").fingerprint != first
+    corpus = load_corpus(f"text:{b}")
+    reordered = Vocabulary(corpus.vocab.tokens[::-1], "char")  # same ids, other characters
+    assert Corpus("x", reordered, corpus.train, corpus.valid, corpus.test).fingerprint != first
+    moved = Corpus("x", corpus.vocab, corpus.train[:-1],
+                   torch.cat([corpus.train[-1:], corpus.valid]), corpus.test)
+    assert moved.fingerprint != first  # one token moved from train to valid
+    assert load_corpus("synthetic", seed=1).fingerprint != load_corpus("synthetic").fingerprint

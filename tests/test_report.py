@@ -297,6 +297,62 @@ def test_an_iqr_that_excludes_the_median_is_rejected(tmp_path):
         load_results(path)
 
 
+def _results(tmp, change):
+    path = write_results(tmp / "runs" / "results.json", [row("act", 2.0, 1.8, 2.2, 2.5, 0.5, 0.0)])
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _tuning(tmp, file, change):
+    folder = write_tuning(tmp / "tune", [{"number": 0, "state": "COMPLETE", "knobs": {"a": 1},
+                                          "figures": {"wall_speedup": 1.5,
+                                                      "quality_delta": 0.01}}])
+    (folder / "optimization_metadata.json").write_text(json.dumps(
+        {"settings": {"technique": "act", "max_degradation": 0.05}}))
+    data = json.loads((folder / file).read_text())
+    change(data)
+    (folder / file).write_text(json.dumps(data))
+    return folder / file
+
+
+# Malformed inputs that once ended in a traceback (found by mutating every field of each file).
+MALFORMED = {
+    "cumulative as text": lambda t: _results(t, lambda d: d["record"].update(cumulative="1x")),
+    "cumulative without speedup": lambda t: _results(
+        t, lambda d: d["record"]["cumulative"].pop("speedup")),
+    "machine as text": lambda t: _results(t, lambda d: d["record"].update(machine="box")),
+    "setup as a list": lambda t: _results(t, lambda d: d["record"].update(setup=[1])),
+    "a quality figure as text": lambda t: _results(
+        t, lambda d: d["record"]["quality"].update(dense_test_bits="2.1")),
+    "a trial number as a list": lambda t: _tuning(
+        t, "optimization_results.json", lambda d: d["trials"][0].update(number=[0])),
+    "knobs as a list": lambda t: _tuning(
+        t, "optimization_results.json", lambda d: d["trials"][0].update(knobs=[1])),
+    "best knobs as text": lambda t: _tuning(t, "best_config.json",
+                                            lambda d: d.update(knobs="a=1")),
+    "settings as text": lambda t: _tuning(t, "optimization_metadata.json",
+                                          lambda d: d.update(settings="act")),
+}
+
+
+@pytest.mark.parametrize("malformed", list(MALFORMED))
+def test_a_malformed_input_is_one_line_naming_its_file_never_a_traceback(tmp_path, capsys,
+                                                                         malformed):
+    path = MALFORMED[malformed](tmp_path)
+    args = ["report", "--baselines", str(tmp_path / "none"), "--asv-results",
+            str(tmp_path / "asv"), "--output", str(tmp_path / "out")]
+    if path.name == "results.json":
+        args += ["--results", str(path)]
+    else:
+        args += ["--tuning", str(path.parent)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bk-bench report: error: ")
+    assert str(path) in err
+
+
 def test_report_subcommand_writes_the_page_and_rejects_a_missing_results_file(inputs, tmp_path,
                                                                               capsys):
     args = ["report", "--results", str(inputs.results), "--baselines", str(inputs.baselines),

@@ -31,7 +31,7 @@ from bench.measure import Comparison, Speedup
 from bench.pipeline import Bench
 from bench.registry import get
 from bk.model import Work
-from bk.train import Evaluation
+from bk.train import Evaluation, TrainingDiverged
 
 THRESHOLDS = [0.5, 0.8, 0.95]
 LAMBDAS = [0.001, 0.05]
@@ -277,8 +277,108 @@ def test_an_unknown_knob_in_explicit_values_is_a_clear_error(faked, tmp_path):
 def test_resuming_a_study_with_other_settings_is_a_clear_error(faked, grid_run, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(grid_run, out)
-    with pytest.raises(ValueError, match="was created with settings"):
+    with pytest.raises(ValueError, match="was created with other settings"):
         run_cli(tune_argv(out, "--max-degradation", "0.02"))
+
+
+def stored_settings(out: Path, study: str = "tune-act") -> dict:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'study.db'}")
+    return optuna.load_study(study_name=study, storage=storage).user_attrs["settings"]
+
+
+@pytest.mark.parametrize("change,named", [
+    (["--steps", "2"], "setup.steps: study 1, this worker 2"),
+    (["--seed", "1"], "setup.seed: study 0, this worker 1"),
+    (["--seq-len", "64"], "setup.seq_len: study 128, this worker 64"),
+    (["--score-metric", "layers"], "score_metric: study 'speedup', this worker 'layers'"),
+])
+def test_a_worker_with_other_settings_is_refused_naming_them_and_changes_nothing(
+        faked, grid_run, tmp_path, change, named):
+    # A worker with other --steps once joined silently and rewrote the study's metadata.
+    out = tmp_path / "again"
+    shutil.copytree(grid_run, out)
+    before = stored_settings(out)
+    metadata = (out / "optimization_metadata.json").read_text()
+    with pytest.raises(ValueError, match="was created with other settings") as caught:
+        run_cli(tune_argv(out, "--max-degradation", str(BUDGET), *change))
+    assert named in str(caught.value)
+    assert stored_settings(out) == before
+    assert (out / "optimization_metadata.json").read_text() == metadata
+
+
+def test_a_worker_with_another_corpus_content_is_refused(faked, tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("abcab cabba " * 300)
+    argv = tune_argv(tmp_path / "out", "--max-degradation", str(BUDGET))
+    argv[argv.index("synthetic")] = f"text:{text}"
+    run_cli(argv)
+    text.write_text("bacca abcab " * 300)
+    with pytest.raises(ValueError, match="corpus_fingerprint: study"):
+        run_cli(argv)
+
+
+def test_two_bayesian_workers_on_one_study_try_different_points(tmp_path, start_workers):
+    # Seeded alike, two workers once ran the same trials (6 trials, 3 distinct settings).
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    optuna.storages.RDBStorage(storage)  # tables first: no creation race
+    argv = ["tune", "act", "--method", "bayesian", "--n-calls", "6", "--corpus", "synthetic",
+            "--no-progress", "--storage", storage]
+    join_all(start_workers([[*argv, "--output", str(tmp_path / o)] for o in "ab"], delay=0.3))
+    trials = completed(tmp_path / "a")
+    assert len(trials) == 6
+    assert len({tuple(sorted(t["knobs"].items())) for t in trials}) == 6
+
+
+def test_a_bayesian_study_repeats_with_its_seed(faked, tmp_path):
+    argv = ["tune", "act", "--method", "bayesian", "--n-calls", "4", "--corpus", "synthetic",
+            "--no-progress"]
+    points = []
+    for folder in ("a", "b"):
+        run_cli([*argv, "--output", str(tmp_path / folder)])
+        points.append([t["knobs"] for t in load(tmp_path / folder,
+                                                "optimization_results.json")["trials"]])
+    assert points[0] == points[1]
+
+
+def test_a_trial_exactly_at_the_quality_budget_is_feasible(monkeypatch, tmp_path):
+    # A mutant taking `<` for `<=` survived: nothing measured a delta equal to the budget.
+    delta = oracle(0.5, 0.001)[1]  # exactly the fake measurement's delta at this point
+    seen = []
+
+    def exact(self, technique, knobs):
+        c = fake_measure(self, technique, knobs)
+        seen.append(c.quality_delta)
+        return c
+
+    monkeypatch.setattr(Bench, "measure", exact)
+    budget = repr(exact(None, get("act"), {"act_threshold": 0.5, "act_lambda": 0.001})
+                  .quality_delta)
+    argv = ["tune", "act", "--method", "grid", "--values", "act_threshold=0.5",
+            "--values", "act_lambda=0.001", "--corpus", "synthetic", "--no-progress",
+            "--max-degradation", budget, "--output", str(tmp_path)]
+    assert run_cli(argv) == 0
+    [trial] = load(tmp_path, "optimization_results.json")["trials"]
+    assert seen[-1] == float(budget) and trial["constraint"] == 0.0
+    assert trial["feasible"] and load(tmp_path, "best_config.json")["feasible"]
+    assert delta == pytest.approx(float(budget))
+    out = tmp_path / "validation"
+    assert run_cli(["tune", "act", "--validate", str(tmp_path / "best_config.json"),
+                    "--corpus", "synthetic", "--no-progress", "--output", str(out)]) == 0
+    assert load(out, "validation_results.json")["feasible"]
+
+
+def test_a_diverged_fine_tuning_is_a_failed_trial_with_its_reason(monkeypatch, tmp_path):
+    def diverging(self, technique, knobs):
+        if knobs["act_threshold"] == THRESHOLDS[0]:
+            raise TrainingDiverged("fine-tune act diverged: NaN or infinite weights")
+        return fake_measure(self, technique, knobs)
+
+    monkeypatch.setattr(Bench, "measure", diverging)
+    run_cli(tune_argv(tmp_path, "--max-degradation", str(BUDGET)))
+    trials = load(tmp_path, "optimization_results.json")["trials"]
+    failed = [t for t in trials if t["state"] == "FAIL"]
+    assert len(failed) == len(LAMBDAS) and all("diverged" in t["error"] for t in failed)
+    assert len(completed(tmp_path)) == len(GRID) - len(LAMBDAS)
 
 
 def test_validate_writes_validation_results_for_the_best_config(faked, grid_run, tmp_path):
@@ -290,6 +390,13 @@ def test_validate_writes_validation_results_for_the_best_config(faked, grid_run,
     assert validation["knobs"] == best["knobs"] and validation["feasible"]
     assert validation["figures"]["wall_speedup"] == pytest.approx(
         oracle(best["knobs"]["act_threshold"], best["knobs"]["act_lambda"])[0])
+
+
+@pytest.mark.parametrize("url", ["nonsense://x", "sqlite:////nonexistent/folder/study.db"])
+def test_a_storage_that_cannot_be_opened_is_a_clear_error(faked, tmp_path, monkeypatch, url):
+    monkeypatch.setattr(tune.time, "sleep", lambda seconds: None)  # no waits between retries
+    with pytest.raises(ValueError, match=f"cannot open the study storage {url}: "):
+        run_cli(tune_argv(tmp_path, "--storage", url))
 
 
 def test_validate_rejects_a_config_for_another_technique(faked, tmp_path):
