@@ -14,24 +14,9 @@ from typing import Any
 from torch import nn
 
 from bk.model import ModelConfig
-from bk.technique import TechniqueModel
+from bk.technique import Knob, TechniqueModel
 
-Value = float | int | str | bool
-
-
-@dataclass(frozen=True)
-class Knob:
-    """A tunable setting. ``grid`` lists the values a grid search tries; ``low``/``high`` bound
-    a Bayesian search (``log`` for a log-uniform range); ``choices`` make it categorical."""
-
-    name: str
-    default: Value
-    grid: tuple[Value, ...] = ()
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: tuple[Value, ...] = ()
-    help: str = ""
+Value = float | int | str | bool | None
 
 
 @dataclass(frozen=True)

@@ -63,14 +63,11 @@ class MeasurementError(ValueError):
 
 # ----------------------------------------------------------------------------- search space
 
-def _is_int(knob: Knob) -> bool:
-    return isinstance(knob.default, int) and not isinstance(knob.default, bool)
-
-
 def _range_points(knob: Knob, n_points: int) -> list[Any]:
-    spaced = (np.logspace(math.log10(knob.low), math.log10(knob.high), n_points) if knob.log
-              else np.linspace(knob.low, knob.high, n_points))
-    if _is_int(knob):
+    low, high = knob.search_range
+    spaced = (np.logspace(math.log10(low), math.log10(high), n_points) if knob.log
+              else np.linspace(low, high, n_points))
+    if knob.kind is int:
         return sorted({int(round(v)) for v in spaced})
     return [float(f"{v:.6g}") for v in spaced]
 
@@ -88,7 +85,7 @@ def grid_space(technique: Technique, explicit: Mapping[str, Sequence[Any]],
             space[knob.name] = list(knob.grid)
         elif knob.choices:
             space[knob.name] = list(knob.choices)
-        elif knob.low is not None and knob.high is not None:
+        elif knob.search_range is not None:
             space[knob.name] = _range_points(knob, n_points)
     return space
 
@@ -103,9 +100,10 @@ def suggest(trial: optuna.Trial, technique: Technique,
             knobs[knob.name] = trial.suggest_categorical(knob.name, list(explicit[knob.name]))
         elif knob.choices:
             knobs[knob.name] = trial.suggest_categorical(knob.name, list(knob.choices))
-        elif knob.low is not None and knob.high is not None:
-            suggest_range = trial.suggest_int if _is_int(knob) else trial.suggest_float
-            knobs[knob.name] = suggest_range(knob.name, knob.low, knob.high, log=knob.log)
+        elif knob.search_range is not None and knob.kind in (int, float):
+            low, high = knob.search_range
+            suggest_range = trial.suggest_int if knob.kind is int else trial.suggest_float
+            knobs[knob.name] = suggest_range(knob.name, low, high, log=knob.log)
         elif knob.grid:
             knobs[knob.name] = trial.suggest_categorical(knob.name, list(knob.grid))
     return knobs

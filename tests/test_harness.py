@@ -23,7 +23,7 @@ from bench.cli import build_parser, main, parse_value, setup_from
 from bench.files import figure_writer, locked, publish, read_json, write_atomic, write_new
 from bench.measure import Comparison, Speedup, Workload, count_flops, paired_speedup
 from bench.pipeline import Bench, Setup
-from bench.registry import Knob, Technique, get, techniques
+from bench.registry import get, techniques
 from bk.atomic import HOST
 from bk.data import load_corpus
 from bk.model import LanguageModel, ModelConfig, Work
@@ -153,10 +153,12 @@ def test_registry_lists_dense_first_and_rejects_unknown_names_and_knobs():
     assert next(iter(techniques())) == "dense"
     with pytest.raises(ValueError, match="unknown technique"):
         get("nope")
-    t = Technique("t", "", lambda c, k: None, knobs=(Knob("a", 1),))
-    assert t.resolve({"a": 2}) == {"a": 2}
+    t = get("act")
+    assert t.resolve({"act_threshold": "0.5"})["act_threshold"] == 0.5
     with pytest.raises(ValueError, match="no knob 'b'"):
         t.resolve({"b": 1})
+    with pytest.raises(ValueError, match="knob act_threshold"):
+        t.resolve({"act_threshold": "high"})
 
 
 def test_every_registered_technique_builds_and_accepts_the_dense_weights():
