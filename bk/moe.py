@@ -230,11 +230,14 @@ class MoEFeedForward(nn.Module):
 
     def expert_outputs(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
         """Each expert on its block of the gathered tokens; ungated, without the down bias."""
-        up = torch.stack([e.up.weight for e in self.experts])
-        up_bias = torch.stack([e.up.bias for e in self.experts])[..., None]
-        up = torch.cat([up, F.pad(up_bias, (0, x.shape[1] - up.shape[2] - 1))], dim=2)
+        hidden_width, d = self.experts[0].up.weight.shape
+        zeros = x.new_zeros(hidden_width, x.shape[1] - d - 1)
+        # [W_e, b_e, 0] side by side in one copy; expert e's (d + 1 + pad, d_hidden) weight for
+        # the rows [x, 1, 0, ...] is a column-major view of it
+        up = torch.cat([t for e in self.experts for t in (e.up.weight, e.up.bias[:, None], zeros)],
+                       dim=1).view(hidden_width, self.n_experts, -1).permute(1, 2, 0)
         down = torch.stack([e.down.weight for e in self.experts])
-        hidden = grouped_mm(x, up.mT, groups.offsets)
+        hidden = grouped_mm(x, up, groups.offsets)
         # in place unless autograd records it: a (T, d_hidden) buffer less to allocate
         hidden = F.gelu(hidden) if hidden.requires_grad else torch._C._nn.gelu_(hidden)
         return grouped_mm(hidden, down.mT, groups.offsets)
