@@ -56,10 +56,12 @@ class Routing:
 
 @dataclass
 class ExpertGroups:
-    """Tokens sorted by expert (stably): sorted row i is token ``order[i]``, and rows
-    ``offsets[e-1]:offsets[e]`` (from row 0 for e = 0) are the tokens of expert e."""
+    """Tokens sorted by expert (stably): sorted row i is token ``order[i]`` (token t is sorted
+    row ``slot[t]``), and rows ``offsets[e-1]:offsets[e]`` (from row 0 for e = 0) are the
+    tokens of expert e."""
 
     order: torch.Tensor  # (T,) int64
+    slot: torch.Tensor  # (T,) int64, the inverse permutation of order
     expert: torch.Tensor  # (T,) int64, expert of each sorted row
     offsets: torch.Tensor  # (E,) int32, cumulative token counts
     gate: torch.Tensor  # (T,) gate weight of each sorted row
@@ -71,7 +73,7 @@ class ExpertGroups:
 
 
 @njit(**_JIT)
-def _group(expert, n_experts, order, sorted_expert, offsets):
+def _group(expert, n_experts, order, slot, sorted_expert, offsets):
     """Counting sort of ``expert``; returns the first token with an invalid expert, or -1."""
     counts = np.zeros(n_experts, np.int64)
     for t in range(expert.shape[0]):
@@ -89,6 +91,7 @@ def _group(expert, n_experts, order, sorted_expert, offsets):
         e = expert[t]
         i = start[e]
         order[i] = t
+        slot[t] = i
         sorted_expert[i] = e
         start[e] = i + 1
     return -1
@@ -108,13 +111,15 @@ def _gather(x, order, out):
 
 
 @njit(**_JIT)
-def _combine(y, gate, bias, order, expert, residual, out):
-    """For the sorted row i of token t = order[i], with f_i = gate[i] (y[i] + bias[expert[i]]):
+def _combine(y, gate, bias, slot, expert, residual, out):
+    """For token t, sorted row i = slot[t], with f_i = gate[i] (y[i] + bias[expert[i]]):
     ``out[t] += residual[t] + f_i``, or ``out[t] = f_i`` if ``residual`` is empty. (With
-    ``out = m``, ``m + (x + f)`` is ``x + f + m`` exactly: floating-point sums commute.)"""
+    ``out = m``, ``m + (x + f)`` is ``x + f + m`` exactly: floating-point sums commute.) In
+    token order, so that only the rows of y are read out of order."""
     add = residual.shape[0] > 0
-    for i in range(order.shape[0]):
-        t, g, b = order[i], gate[i], bias[expert[i]]
+    for t in range(slot.shape[0]):
+        i = slot[t]
+        g, b = gate[i], bias[expert[i]]
         for j in range(y.shape[1]):
             f = g * (y[i, j] + b[j])
             if add:
@@ -151,14 +156,14 @@ class _GatherRows(torch.autograd.Function):
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, gate, bias, order, expert, residual, mixed):
+    def forward(ctx, y, gate, bias, order, slot, expert, residual, mixed):
         if residual is None:
             out, residual = y.new_empty(y.shape), y.new_empty(0, 0)
         else:
             out = mixed  # of any shape with rows (T, d) in memory, filled in place
             ctx.mark_dirty(mixed)
             ctx.residual_shape = residual.shape
-        _combine(_array(y), _array(gate), _array(bias), _array(order), _array(expert),
+        _combine(_array(y), _array(gate), _array(bias), _array(slot), _array(expert),
                  _array(residual), out.numpy().reshape(y.shape))
         ctx.save_for_backward(y, gate, bias, order, expert)
         return out
@@ -171,9 +176,9 @@ class _Combine(torch.autograd.Function):
         grad_y = rows * gate[:, None]
         grad_gate = (rows * (y + bias.index_select(0, expert))).sum(dim=1)
         grad_bias = torch.zeros_like(bias).index_add_(0, expert, grad_y)
-        grad_residual = grad.view(ctx.residual_shape) if ctx.needs_input_grad[5] else None
-        grad_mixed = grad if ctx.needs_input_grad[6] else None
-        return grad_y, grad_gate, grad_bias, None, None, grad_residual, grad_mixed
+        grad_residual = grad.view(ctx.residual_shape) if ctx.needs_input_grad[6] else None
+        grad_mixed = grad if ctx.needs_input_grad[7] else None
+        return grad_y, grad_gate, grad_bias, None, None, None, grad_residual, grad_mixed
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -215,14 +220,15 @@ class MoEFeedForward(nn.Module):
 
     def group(self, routing: Routing) -> ExpertGroups:
         expert = routing.expert
-        order, sorted_expert = torch.empty_like(expert), torch.empty_like(expert)
+        order, slot, sorted_expert = (torch.empty_like(expert) for _ in range(3))
         offsets = torch.empty(self.n_experts, dtype=torch.int32)
-        bad = _group(_array(expert), self.n_experts, order.numpy(), sorted_expert.numpy(),
-                     offsets.numpy())
+        bad = _group(_array(expert), self.n_experts, order.numpy(), slot.numpy(),
+                     sorted_expert.numpy(), offsets.numpy())
         if bad >= 0:
             raise ValueError(f"routing.expert must lie in [0, {self.n_experts}), got "
                              f"{int(expert[bad])} at token {bad}")
-        return ExpertGroups(order, sorted_expert, offsets, routing.gate.index_select(0, order))
+        return ExpertGroups(order, slot, sorted_expert, offsets,
+                            routing.gate.index_select(0, order))
 
     def gather(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
         """The tokens ``x`` ``(T, d)`` in sorted order, as the experts' input (see module doc)."""
@@ -251,7 +257,8 @@ class MoEFeedForward(nn.Module):
         x, m = residual or (None, None)
         if m is not None and (m._is_view() or not m.is_contiguous()):
             m = m.clone(memory_format=torch.contiguous_format)  # written in place below
-        return _Combine.apply(y, groups.gate, down_bias, groups.order, groups.expert, x, m)
+        return _Combine.apply(y, groups.gate, down_bias, groups.order, groups.slot, groups.expert,
+                              x, m)
 
     def dispatch(self, x: torch.Tensor, routing: Routing,
                  residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

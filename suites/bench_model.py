@@ -105,7 +105,9 @@ def aten_ops(net: LanguageModel, idx: torch.Tensor) -> tuple[int, int]:
 
 def instrument(net: LanguageModel, clock: dict[str, float]) -> None:
     """Time the methods that make up each part, on this model object only: each wrapped call
-    adds its own time, less that of wrapped calls inside it, to ``clock[part]``."""
+    adds its own time, less that of wrapped calls inside it, to ``clock[part]``. Times are CPU
+    seconds of this thread (all of a one-thread forward runs on it), so that time the process
+    spends preempted by others on a shared machine is no part's."""
     inner: list[float] = []
 
     def wrap(owner: object, name: str, part: str) -> None:
@@ -113,11 +115,11 @@ def instrument(net: LanguageModel, clock: dict[str, float]) -> None:
 
         def timed(*args, **kwargs):
             inner.append(0.0)
-            start = time.perf_counter()
+            start = time.thread_time()
             try:
                 return method(*args, **kwargs)
             finally:
-                elapsed = time.perf_counter() - start
+                elapsed = time.thread_time() - start
                 clock[part] += elapsed - inner.pop()
                 if inner:
                     inner[-1] += elapsed
@@ -136,8 +138,9 @@ def instrument(net: LanguageModel, clock: dict[str, float]) -> None:
 
 
 def part_shares(shape: str, repeats: int = 15) -> dict[str, float]:
-    """Median share (percent) of each part in instrumented no-grad forwards of 32 x 128 tokens;
-    "rest" is what no part claims (norms, embedding, head, checks, reshapes)."""
+    """Median share (percent) of each part in instrumented no-grad forwards of 32 x 128 tokens
+    (thread CPU time, see ``instrument``); "rest" is what no part claims (norms, embedding,
+    head, checks, reshapes)."""
     net, idx = shaped_model(shape), tokens(32, 128)
     with torch.no_grad():
         expected = net(idx).logits
@@ -147,9 +150,9 @@ def part_shares(shape: str, repeats: int = 15) -> dict[str, float]:
         shares: dict[str, list[float]] = {part: [] for part in PARTS}
         for _ in range(repeats):
             clock.update(dict.fromkeys(PARTS, 0.0))
-            start = time.perf_counter()
+            start = time.thread_time()
             net(idx)
-            total = time.perf_counter() - start
+            total = time.thread_time() - start
             clock["rest"] += total - sum(clock.values())
             for part in PARTS:
                 shares[part].append(100 * clock[part] / total)
