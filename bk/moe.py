@@ -205,6 +205,7 @@ class MoEFeedForward(nn.Module):
         self.n_experts = n_experts
         self.router = nn.Linear(d_model, n_experts)
         self.experts = nn.ModuleList(Expert(d_model, d_hidden) for _ in range(n_experts))
+        self._stacked: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
 
     def route(self, x: torch.Tensor) -> Routing:
         logits = torch.addmm(self.router.bias[:, None], self.router.weight, x.mT)
@@ -234,26 +235,47 @@ class MoEFeedForward(nn.Module):
         """The tokens ``x`` ``(T, d)`` in sorted order, as the experts' input (see module doc)."""
         return _GatherRows.apply(x, groups.order)
 
-    def expert_outputs(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
-        """Each expert on its block of the gathered tokens; ungated, without the down bias."""
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The experts' weights as grouped products take them: up ``(E, d + 1 + pad, H)`` for
+        the gathered rows ``[x, 1, 0, ...]`` (bias included), down ``(E, H, d)``, down biases
+        ``(E, d)``.
+
+        They are copies, of the size of all experts, which a call on a few tokens would spend
+        most of its time making. Without autograd they are therefore kept and made again only
+        when an expert parameter has changed: been replaced (another address) or changed in
+        place (its version counter, which autograd checks its saved tensors by).
+        """
+        if torch.is_grad_enabled():
+            return self._stack_weights()
+        key = tuple((p.data_ptr(), p._version) for p in self.experts.parameters())
+        if self._stacked is None or self._stacked[0] != key:
+            self._stacked = (key, self._stack_weights())
+        return self._stacked[1]
+
+    def _stack_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden_width, d = self.experts[0].up.weight.shape
-        zeros = x.new_zeros(hidden_width, x.shape[1] - d - 1)
-        # [W_e, b_e, 0] side by side in one copy; expert e's (d + 1 + pad, d_hidden) weight for
-        # the rows [x, 1, 0, ...] is a column-major view of it
+        weight = self.experts[0].up.weight
+        zeros = weight.new_zeros(hidden_width, _padded_width(d) - d - 1)
+        # [W_e, b_e, 0] side by side in one copy; expert e's weight is a column-major view of it
         up = torch.cat([t for e in self.experts for t in (e.up.weight, e.up.bias[:, None], zeros)],
                        dim=1).view(hidden_width, self.n_experts, -1).permute(1, 2, 0)
-        down = torch.stack([e.down.weight for e in self.experts])
+        down = torch.stack([e.down.weight for e in self.experts]).mT
+        return up, down, torch.stack([e.down.bias for e in self.experts])
+
+    def expert_outputs(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        """Each expert on its block of the gathered tokens; ungated, without the down bias."""
+        up, down, _ = self.stacked_weights()
         hidden = grouped_mm(x, up, groups.offsets)
         # in place unless autograd records it: a (T, d_hidden) buffer less to allocate
         hidden = F.gelu(hidden) if hidden.requires_grad else torch._C._nn.gelu_(hidden)
-        return grouped_mm(hidden, down.mT, groups.offsets)
+        return grouped_mm(hidden, down, groups.offsets)
 
     def combine(self, y: torch.Tensor, groups: ExpertGroups,
                 residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The gated expert outputs ``f`` ``(T, d)`` in token order, from ``y`` (sorted rows,
         see ``expert_outputs``) and the down bias; with ``residual = (x, m)``, ``x + f + m``
         (exactly as torch sums it), in the same pass and in place of ``m``."""
-        down_bias = torch.stack([e.down.bias for e in self.experts])
+        _, _, down_bias = self.stacked_weights()
         x, m = residual or (None, None)
         if m is not None and (m._is_view() or not m.is_contiguous()):
             m = m.clone(memory_format=torch.contiguous_format)  # written in place below

@@ -233,3 +233,30 @@ def test_the_balance_loss_is_zero_in_eval_mode_and_counts_in_training():
     x = torch.randn(10, 4)
     assert float(moe.eval()(x)[1]) == 0.0
     assert float(moe.train()(x)[1].detach()) > 0.0
+
+
+def test_the_weights_kept_between_no_grad_calls_follow_every_parameter_change():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(8, 8, 3)
+    x = torch.randn(20, 8)
+    expert = torch.tensor([0, 1, 2, 0, 2] * 4)
+    routing = Routing(expert=expert, gate=torch.rand(20), probs=x.new_empty(0, 0))
+
+    def check():
+        with torch.no_grad():
+            got = moe.dispatch(x.to(moe.router.weight.dtype), routing)
+            ref = float64_copy(moe)
+            expected = masked_dense(ref, x.double(), expert, routing.gate.double())
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+    check()
+    for name in ("up.weight", "up.bias", "down.weight", "down.bias"):  # in place
+        with torch.no_grad():
+            moe.experts[1].get_parameter(name).add_(1.0)
+        check()
+    other = MoEFeedForward(8, 8, 3)
+    moe.load_state_dict(other.state_dict())  # copied in place
+    check()
+    moe.double()  # replaced
+    routing.gate = routing.gate.double()
+    check()
