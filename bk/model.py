@@ -176,9 +176,15 @@ class BKBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, d = x.shape
-        f, v, balance = self.token_work(x.reshape(b * n, d))
-        g = self.resolvent(v.view(b, n, -1))
-        return x + f.view(b, n, d) + self.mix(g), balance
+        x = x.reshape(b * n, d)
+        h = self.norm(x)
+        g = self.resolvent(self.potential(h).view(b, n, -1))
+        # x + f + mix(g) in one pass, summed as techniques sum token_work, resolvent and mix
+        # (bit for bit the same). mix on flat rows: a result that is no view takes the sum in
+        # place.
+        mixed = self.readout(torch.cat([g.real, g.imag], dim=-1).view(b * n, -1))
+        out, balance = self.moe(h, residual=(x, mixed))
+        return out.view(b, n, d), balance
 
     def step(self, x: torch.Tensor, g_prev: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,9 +211,11 @@ class LanguageModel(nn.Module):
             raise TypeError(f"token ids must be int64, got {idx.dtype}")
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"token ids must have shape (batch, length>0), got {tuple(idx.shape)}")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
+        if idx.numel():
+            low, high = (int(bound) for bound in torch.aminmax(idx))
+            if low < 0 or high >= self.cfg.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got "
+                                 f"[{low}, {high}]")
 
     def finish(self, x: torch.Tensor, targets: torch.Tensor | None,
                aux: Mapping[str, torch.Tensor], work: Work,
@@ -230,15 +238,16 @@ class LanguageModel(nn.Module):
         self.check_tokens(idx)
         b, n = idx.shape
         x = self.embed(idx)
-        balance = x.new_zeros(())
+        balances = []
         for block in self.blocks:
-            x, layer_balance = block(x)
-            balance = balance + layer_balance
+            x, balance = block(x)
+            balances.append(balance)
         layers = len(self.blocks)
         work = Work(token_layers=b * n * layers, expert_calls=b * n * layers,
                     positions=b * n * layers)
         stats = {"layers_per_token": x.new_full((b, n), float(layers))}
-        aux = {"balance": self.cfg.balance_weight * balance / layers} if self.training else {}
+        aux = ({"balance": self.cfg.balance_weight * sum(balances) / layers} if self.training
+               else {})
         return self.finish(x, targets, aux, work, stats)
 
     def init_state(self, batch_size: int) -> DecodeState:

@@ -5,15 +5,32 @@ scaled by that probability, so the router is trained through its gate weights (t
 code used the argmax alone and its router never received a gradient). The load-balancing
 loss is the switch-transformer auxiliary loss  E * sum_e f_e * P_e  (Fedus et al. 2021, eq. 4),
 where f_e is the share of tokens sent to expert e and P_e the mean router probability of e.
+
+Dispatch, for T tokens of width d:
+
+1. group: a counting sort of the tokens by expert (one O(T) pass), so that expert e owns the
+   contiguous block of sorted rows ``offsets[e-1]:offsets[e]``;
+2. gather: the sorted rows, each followed by a 1 and zeros up to a multiple of 16 bytes, so
+   that the expert's up-projection bias rides in its matrix product as one more weight row;
+3. experts: each layer of all experts is one grouped matrix product over those blocks
+   (``torch._grouped_mm``); the block bounds stay a tensor, nothing is read on the host;
+4. combine: ``into[token] += gate * (y + down bias)`` for every sorted row, in one pass.
+
+Steps 1, 2 and 4 are numba kernels (one pass each instead of 3-6 torch operations and their
+temporaries); 2 and 4 are autograd functions whose backward passes are plain torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from numba import njit
 from torch import nn
 from torch.nn import functional as F
+
+_JIT = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
 
 
 class Expert(nn.Module):
@@ -37,6 +54,149 @@ class Routing:
     probs: torch.Tensor  # (T, E) full router distribution
 
 
+@dataclass
+class ExpertGroups:
+    """Tokens sorted by expert (stably): sorted row i is token ``order[i]`` (token t is sorted
+    row ``slot[t]``), and rows ``offsets[e-1]:offsets[e]`` (from row 0 for e = 0) are the
+    tokens of expert e."""
+
+    order: torch.Tensor  # (T,) int64
+    slot: torch.Tensor  # (T,) int64, the inverse permutation of order
+    expert: torch.Tensor  # (T,) int64, expert of each sorted row
+    offsets: torch.Tensor  # (E,) int32, cumulative token counts
+    gate: torch.Tensor  # (T,) gate weight of each sorted row
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels (C-contiguous arrays)
+# --------------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _group(expert, n_experts, order, slot, sorted_expert, offsets):
+    """Counting sort of ``expert``; returns the first token with an invalid expert, or -1."""
+    counts = np.zeros(n_experts, np.int64)
+    for t in range(expert.shape[0]):
+        e = expert[t]
+        if e < 0 or e >= n_experts:
+            return t
+        counts[e] += 1
+    start = np.empty(n_experts, np.int64)
+    total = 0
+    for e in range(n_experts):
+        start[e] = total
+        total += counts[e]
+        offsets[e] = total
+    for t in range(expert.shape[0]):
+        e = expert[t]
+        i = start[e]
+        order[i] = t
+        slot[t] = i
+        sorted_expert[i] = e
+        start[e] = i + 1
+    return -1
+
+
+@njit(**_JIT)
+def _gather(x, order, out):
+    """``out[i] = [x[order[i]], 1, 0, ..., 0]``."""
+    d = x.shape[1]
+    for i in range(order.shape[0]):
+        row = order[i]
+        for j in range(d):
+            out[i, j] = x[row, j]
+        out[i, d] = 1.0
+        for j in range(d + 1, out.shape[1]):
+            out[i, j] = 0.0
+
+
+@njit(**_JIT)
+def _combine(y, gate, bias, slot, expert, residual, out):
+    """For token t, sorted row i = slot[t], with f_i = gate[i] (y[i] + bias[expert[i]]):
+    ``out[t] += residual[t] + f_i``, or ``out[t] = f_i`` if ``residual`` is empty. (With
+    ``out = m``, ``m + (x + f)`` is ``x + f + m`` exactly: floating-point sums commute.) In
+    token order, so that only the rows of y are read out of order."""
+    add = residual.shape[0] > 0
+    for t in range(slot.shape[0]):
+        i = slot[t]
+        g, b = gate[i], bias[expert[i]]
+        for j in range(y.shape[1]):
+            f = g * (y[i, j] + b[j])
+            if add:
+                out[t, j] += residual[t, j] + f
+            else:
+                out[t, j] = f
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return (t.detach() if t.requires_grad else t).contiguous().numpy()
+
+
+def _padded_width(d: int) -> int:
+    """d + 1 (the bias column) rounded up to a multiple of 4 elements (16 bytes in float32)."""
+    return (d + 4) // 4 * 4
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, order):
+        out = x.new_empty(order.shape[0], _padded_width(x.shape[1]))
+        _gather(_array(x), _array(order), out.numpy())
+        ctx.save_for_backward(order)
+        ctx.shape = x.shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        rows, d = ctx.shape
+        return grad.new_zeros(rows, d).index_add_(0, order, grad[:, :d]), None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, gate, bias, order, slot, expert, residual, mixed):
+        if residual is None:
+            out, residual = y.new_empty(y.shape), y.new_empty(0, 0)
+        else:
+            out = mixed  # of any shape with rows (T, d) in memory, filled in place
+            ctx.mark_dirty(mixed)
+            ctx.residual_shape = residual.shape
+        _combine(_array(y), _array(gate), _array(bias), _array(slot), _array(expert),
+                 _array(residual), out.numpy().reshape(y.shape))
+        ctx.save_for_backward(y, gate, bias, order, expert)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        y, gate, bias, order, expert = ctx.saved_tensors
+        rows = grad.reshape(y.shape).index_select(0, order)  # gradient of each sorted row
+        grad_y = rows * gate[:, None]
+        grad_gate = (rows * (y + bias.index_select(0, expert))).sum(dim=1)
+        grad_bias = torch.zeros_like(bias).index_add_(0, expert, grad_y)
+        grad_residual = grad.view(ctx.residual_shape) if ctx.needs_input_grad[6] else None
+        grad_mixed = grad if ctx.needs_input_grad[7] else None
+        return grad_y, grad_gate, grad_bias, None, None, None, grad_residual, grad_mixed
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Row block e of ``x`` ``(T, K)`` (rows ``offsets[e-1]:offsets[e]``) times ``weight[e]``
+    ``(K, M)``; returns ``(T, M)``.
+
+    ``torch._grouped_mm`` does this in one call, with gradients, for float32/bfloat16/float16
+    rows of a multiple of 16 bytes. Other inputs (the float64 test models) run the blocks one
+    by one, which reads the offsets on the host.
+    """
+    aligned = all(x.element_size() * size % 16 == 0 for size in (x.shape[1], weight.shape[2]))
+    if aligned and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return torch._grouped_mm(x.contiguous(), weight, offs=offsets)
+    bounds = [0, *offsets.tolist()]
+    return torch.cat([x[start:end] @ w for w, start, end in zip(weight, bounds[:-1], bounds[1:],
+                                                                 strict=True)])
+
+
 class MoEFeedForward(nn.Module):
     """Top-1 mixture of experts over flattened tokens ``(T, d_model)``."""
 
@@ -45,43 +205,107 @@ class MoEFeedForward(nn.Module):
         self.n_experts = n_experts
         self.router = nn.Linear(d_model, n_experts)
         self.experts = nn.ModuleList(Expert(d_model, d_hidden) for _ in range(n_experts))
+        self._stacked: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
 
     def route(self, x: torch.Tensor) -> Routing:
-        probs = torch.softmax(self.router(x), dim=-1)
-        gate, expert = probs.max(dim=-1)
-        return Routing(expert=expert, gate=gate, probs=probs)
+        logits = torch.addmm(self.router.bias[:, None], self.router.weight, x.mT)
+        return self.route_logits(logits)
 
-    def dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Run each expert only on the tokens routed to it and put the results back in order.
+    def route_logits(self, logits: torch.Tensor) -> Routing:
+        """Routing from router logits laid out ``(E, T)``: the softmax and the maximum then run
+        over the leading axis, across contiguous rows of T (over a trailing axis of a few
+        experts they are ~10x slower)."""
+        probs = torch.softmax(logits, dim=0)
+        gate, expert = probs.max(dim=0)
+        return Routing(expert=expert, gate=gate, probs=probs.mT)
 
-        Tokens are sorted by expert once, so each expert reads a contiguous slice (one sort and
-        one count instead of a mask and a gather per expert).
+    def group(self, routing: Routing) -> ExpertGroups:
+        expert = routing.expert
+        order, slot, sorted_expert = (torch.empty_like(expert) for _ in range(3))
+        offsets = torch.empty(self.n_experts, dtype=torch.int32)
+        bad = _group(_array(expert), self.n_experts, order.numpy(), slot.numpy(),
+                     sorted_expert.numpy(), offsets.numpy())
+        if bad >= 0:
+            raise ValueError(f"routing.expert must lie in [0, {self.n_experts}), got "
+                             f"{int(expert[bad])} at token {bad}")
+        return ExpertGroups(order, slot, sorted_expert, offsets,
+                            routing.gate.index_select(0, order))
+
+    def gather(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        """The tokens ``x`` ``(T, d)`` in sorted order, as the experts' input (see module doc)."""
+        return _GatherRows.apply(x, groups.order)
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The experts' weights as grouped products take them: up ``(E, d + 1 + pad, H)`` for
+        the gathered rows ``[x, 1, 0, ...]`` (bias included), down ``(E, H, d)``, down biases
+        ``(E, d)``.
+
+        They are copies, of the size of all experts, which a call on a few tokens would spend
+        most of its time making. Without autograd they are therefore kept and made again only
+        when an expert parameter has changed: been replaced (another address) or changed in
+        place (its version counter, which autograd checks its saved tensors by).
         """
-        order = torch.argsort(routing.expert, stable=True)
-        counts = torch.bincount(routing.expert, minlength=self.n_experts).tolist()
-        sorted_x = x.index_select(0, order)
-        outputs, start = [], 0
-        for expert, count in zip(self.experts, counts, strict=True):
-            if count:
-                outputs.append(expert(sorted_x[start:start + count]))
-            start += count
-        if not outputs:
-            return torch.zeros_like(x)
-        y = torch.cat(outputs) * routing.gate.index_select(0, order)[:, None]
-        return torch.empty_like(y).index_copy(0, order, y)
+        if torch.is_grad_enabled():
+            return self._stack_weights()
+        key = tuple((p.data_ptr(), p._version) for p in self.experts.parameters())
+        if self._stacked is None or self._stacked[0] != key:
+            self._stacked = (key, self._stack_weights())
+        return self._stacked[1]
+
+    def _stack_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden_width, d = self.experts[0].up.weight.shape
+        weight = self.experts[0].up.weight
+        zeros = weight.new_zeros(hidden_width, _padded_width(d) - d - 1)
+        # [W_e, b_e, 0] side by side in one copy; expert e's weight is a column-major view of it
+        up = torch.cat([t for e in self.experts for t in (e.up.weight, e.up.bias[:, None], zeros)],
+                       dim=1).view(hidden_width, self.n_experts, -1).permute(1, 2, 0)
+        down = torch.stack([e.down.weight for e in self.experts]).mT
+        return up, down, torch.stack([e.down.bias for e in self.experts])
+
+    def expert_outputs(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        """Each expert on its block of the gathered tokens; ungated, without the down bias."""
+        up, down, _ = self.stacked_weights()
+        hidden = grouped_mm(x, up, groups.offsets)
+        # in place unless autograd records it: a (T, d_hidden) buffer less to allocate
+        hidden = F.gelu(hidden) if hidden.requires_grad else torch._C._nn.gelu_(hidden)
+        return grouped_mm(hidden, down, groups.offsets)
+
+    def combine(self, y: torch.Tensor, groups: ExpertGroups,
+                residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The gated expert outputs ``f`` ``(T, d)`` in token order, from ``y`` (sorted rows,
+        see ``expert_outputs``) and the down bias; with ``residual = (x, m)``, ``x + f + m``
+        (exactly as torch sums it), in the same pass and in place of ``m``."""
+        _, _, down_bias = self.stacked_weights()
+        x, m = residual or (None, None)
+        if m is not None and (m._is_view() or not m.is_contiguous()):
+            m = m.clone(memory_format=torch.contiguous_format)  # written in place below
+        return _Combine.apply(y, groups.gate, down_bias, groups.order, groups.slot, groups.expert,
+                              x, m)
+
+    def dispatch(self, x: torch.Tensor, routing: Routing,
+                 residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Run each expert only on the tokens routed to it; gated outputs ``f`` in token order,
+        or ``x + f + m`` for ``residual = (x, m)`` (see ``combine``)."""
+        groups = self.group(routing)
+        return self.combine(self.expert_outputs(self.gather(x, groups), groups), groups,
+                            residual)
 
     def balance_loss(self, routing: Routing) -> torch.Tensor:
-        if routing.expert.numel() == 0:
+        tokens = routing.expert.numel()
+        if tokens == 0:
             return routing.probs.new_zeros(())
-        share = torch.bincount(routing.expert, minlength=self.n_experts).to(routing.probs.dtype)
-        share = share / routing.expert.numel()
-        return self.n_experts * (share * routing.probs.mean(dim=0)).sum()
+        probs = routing.probs
+        load = probs.new_zeros(self.n_experts).index_add_(
+            0, routing.expert, probs.new_ones(()).expand(tokens))
+        return self.n_experts * (load / tokens * probs.mean(dim=0)).sum()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (output, load-balancing loss); expert calls equal the number of tokens.
+    def forward(self, x: torch.Tensor, residual: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (output, load-balancing loss); expert calls equal the number of tokens. With
+        ``residual``, the output is ``x + f + m`` (see ``dispatch``).
 
         The balance loss is a training term: in eval mode it is not computed and is 0.
         """
         routing = self.route(x)
         balance = self.balance_loss(routing) if self.training else x.new_zeros(())
-        return self.dispatch(x, routing), balance
+        return self.dispatch(x, routing, residual), balance

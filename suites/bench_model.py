@@ -1,12 +1,23 @@
-"""The dense ResNet-BK model: forward pass, training step, throughput."""
+"""The dense ResNet-BK model: forward pass, training step, throughput, and what a forward is made
+of: the aten operations it runs, and the share of its time each part takes."""
+
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bk.model import LanguageModel, ModelConfig
 
 torch.set_num_threads(1)
 
 VOCAB = 80
+SHAPES = {
+    "tiny": ModelConfig(vocab_size=VOCAB),
+    "small": ModelConfig(vocab_size=VOCAB, d_model=256, n_layers=8, d_expert=512, bk_channels=8),
+}
+PARTS = ("experts", "dispatch", "router", "bk_path", "rest")
 _MODELS: dict[int, LanguageModel] = {}
 
 
@@ -37,8 +48,6 @@ class Forward:
             self.model(self.x)
 
     def track_tokens_per_second(self, shape):
-        import time
-
         with torch.no_grad():
             self.model(self.x)
             start = time.perf_counter()
@@ -59,3 +68,128 @@ class TrainStep:
         self.optimizer.zero_grad()
         out.loss.backward()
         self.optimizer.step()
+
+
+# -- what a forward is made of ---------------------------------------------------------------
+
+
+def shaped_model(shape: str) -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel(SHAPES[shape]).eval()
+
+
+class _AtenCounter(TorchDispatchMode):
+    """Counts aten operations, and among them those that compute (return no view or alias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = self.computing = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        alias = [r.alias_info for r in func._schema.returns if r.alias_info is not None]
+        self.computing += not alias or any(a.is_write for a in alias)
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops(net: LanguageModel, idx: torch.Tensor) -> tuple[int, int]:
+    """aten operations one no-grad forward dispatches: all, and those that compute (views and
+    detaches excluded). The numba kernels' work is no aten operation; each array they read
+    or write costs one detach."""
+    with torch.no_grad():
+        net(idx)
+        with _AtenCounter() as counter:
+            net(idx)
+    return counter.count, counter.computing
+
+
+def instrument(net: LanguageModel, clock: dict[str, float]) -> None:
+    """Time the methods that make up each part, on this model object only: each wrapped call
+    adds its own time, less that of wrapped calls inside it, to ``clock[part]``. Times are CPU
+    seconds of this thread (all of a one-thread forward runs on it), so that time the process
+    spends preempted by others on a shared machine is no part's."""
+    inner: list[float] = []
+
+    def wrap(owner: object, name: str, part: str) -> None:
+        method: Callable = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            inner.append(0.0)
+            start = time.thread_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                elapsed = time.thread_time() - start
+                clock[part] += elapsed - inner.pop()
+                if inner:
+                    inner[-1] += elapsed
+
+        setattr(owner, name, timed)
+
+    for block in net.blocks:
+        moe = block.moe
+        wrap(moe, "route", "router")
+        for name in ("group", "gather", "combine"):  # combine: gate, down bias, residual sum
+            wrap(moe, name, "dispatch")
+        wrap(moe, "expert_outputs", "experts")
+        wrap(block.potential, "forward", "bk_path")
+        wrap(block, "resolvent", "bk_path")
+        wrap(block, "mix", "bk_path")
+
+
+def part_shares(shape: str, repeats: int = 15) -> dict[str, float]:
+    """Median share (percent) of each part in instrumented no-grad forwards of 32 x 128 tokens
+    (thread CPU time, see ``instrument``); "rest" is what no part claims (norms, embedding,
+    head, checks, reshapes)."""
+    net, idx = shaped_model(shape), tokens(32, 128)
+    with torch.no_grad():
+        expected = net(idx).logits
+        clock = dict.fromkeys(PARTS, 0.0)
+        instrument(net, clock)
+        torch.testing.assert_close(net(idx).logits, expected, rtol=0, atol=0)
+        shares: dict[str, list[float]] = {part: [] for part in PARTS}
+        for _ in range(repeats):
+            clock.update(dict.fromkeys(PARTS, 0.0))
+            start = time.thread_time()
+            net(idx)
+            total = time.thread_time() - start
+            clock["rest"] += total - sum(clock.values())
+            for part in PARTS:
+                shares[part].append(100 * clock[part] / total)
+    return {part: statistics.median(values) for part, values in shares.items()}
+
+
+class ForwardAnatomy:
+    """Per commit: aten operations per dense forward, and the share of the forward each part
+    takes (MoE experts, MoE dispatch bookkeeping, router, BK path, rest), at the tiny model and
+    at a small one (d=256, 8 layers, d_expert=512, 8 channels), 32 x 128 tokens, one thread."""
+
+    params = (list(SHAPES), list(PARTS))
+    param_names = ["shape", "part"]
+    timeout = 600
+
+    def setup_cache(self):
+        return {shape: part_shares(shape) for shape in SHAPES}
+
+    def track_share(self, shares, shape, part):
+        return shares[shape][part]
+
+    track_share.unit = "%"
+
+
+class AtenOps:
+    params = list(SHAPES)
+    param_names = ["shape"]
+
+    def setup(self, shape):
+        self.ops = aten_ops(shaped_model(shape), tokens(32, 128))
+
+    def track_aten_ops(self, shape):
+        return self.ops[0]
+
+    track_aten_ops.unit = "ops"
+
+    def track_aten_computing_ops(self, shape):
+        return self.ops[1]
+
+    track_aten_computing_ops.unit = "ops"

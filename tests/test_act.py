@@ -289,7 +289,7 @@ def test_halted_tokens_never_enter_later_per_token_work(idx, thr):
     for layer, block in enumerate(MODEL.blocks):
         modules[f"norm{layer}"] = block.norm
         modules[f"readout{layer}"] = block.readout
-        modules[f"expert{layer}"] = block.moe.experts  # summed over the experts below
+        modules[f"expert{layer}"] = block.moe  # the rows its experts run on (grouped)
     for layer, unit in enumerate(MODEL.halting_units):
         modules[f"halt{layer}"] = unit
     handles = []

@@ -75,6 +75,34 @@ def test_the_router_and_every_block_parameter_receive_gradient():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@given(training=st.booleans(), seed=st.integers(0, 2**16), dtype=st.sampled_from(
+    [torch.float32, torch.float64]))
+def test_the_fused_block_forward_equals_token_work_readout_and_residual(training, seed, dtype):
+    """BKBlock.forward (expert outputs, residual and readout summed in one pass) computes
+    x + f + mix(G) from token_work bit for bit (techniques compose the block that way and must
+    reproduce the dense model exactly), with the same gradients."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=5, d_model=8, n_layers=1, n_seq=6, n_experts=3, d_expert=12,
+                      bk_channels=3)
+    block = LanguageModel(cfg).blocks[0].to(dtype).train(training)
+    x = torch.randn(2, 6, 8, dtype=dtype, requires_grad=True)
+    out, balance = block(x)
+    weights = torch.randn_like(out)
+    ((out * weights).sum() + balance).backward()
+    grads = [x.grad] + [p.grad for p in block.parameters()]
+    x.grad = None
+    block.zero_grad()
+    f, v, reference_balance = block.token_work(x.reshape(12, 8))
+    g = block.resolvent(v.reshape(2, 6, -1))
+    expected = x + f.view(2, 6, 8) + block.mix(g)
+    ((expected * weights).sum() + reference_balance).backward()
+    assert torch.equal(out, expected)
+    assert torch.equal(balance, reference_balance)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    for got, want in zip(grads, [x.grad] + [p.grad for p in block.parameters()], strict=True):
+        torch.testing.assert_close(got, want, **tol)
+
+
 def test_moe_dispatch_equals_the_dense_gated_computation():
     torch.manual_seed(0)
     moe = MoEFeedForward(8, 12, 3).double()
