@@ -5,7 +5,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bk.decode import generate
@@ -124,6 +124,34 @@ def test_the_soft_value_tends_to_the_prior_weighted_mean_as_lam_grows(vp):
     values, priors = vp
     mean = math.fsum(p * v for p, v in zip(priors, values, strict=True)) / math.fsum(priors)
     assert soft_value(values, priors, 1e9) == pytest.approx(mean, abs=1e-5)
+
+
+children_values_and_priors = st.lists(st.tuples(st.floats(-5, 5), st.floats(1e-3, 1.0)),
+                                      min_size=2, max_size=5)
+
+
+@given(children_values_and_priors, st.floats(0.05, 20), seeds)
+@example([(0.0, 0.5), (-1.0, 0.25), (-2.0, 0.25)], 0.5, 0)
+@example([(1.0, 0.1), (0.0, 0.9)], 4.0, 1)
+def test_boltzmann_selection_draws_a_child_with_probability_pi_exp_v_over_lam(children, lam,
+                                                                               seed):
+    ts = search(0, torch.tensor([1, 2]), SearchConfig(lam=lam, seed=seed))
+    root = ts.root
+    root.children = [Node(token, prior, 1, False, root, visits=1, value=value)
+                     for token, (value, prior) in enumerate(children)]
+    root.visits = len(children) + 1
+    # float64 oracle: p_c proportional to pi_c exp(V_c / lam), the soft backup's optimal policy
+    exponents = [math.log(prior) + value / lam for value, prior in children]
+    weights = [math.exp(e - max(exponents)) for e in exponents]
+    expected = torch.tensor([w / math.fsum(weights) for w in weights], dtype=torch.float64)
+    with patch("torch.multinomial", wraps=torch.multinomial) as drawn:
+        picks = [ts.select(root).token for _ in range(20)]
+    for call in drawn.call_args_list:
+        torch.testing.assert_close(call.args[0], expected, rtol=1e-12, atol=1e-15)
+    assert len(drawn.call_args_list) == 20
+    generator = torch.Generator().manual_seed(seed)
+    assert picks == [int(torch.multinomial(expected, 1, generator=generator))
+                     for _ in range(20)]
 
 
 @searches
