@@ -41,7 +41,7 @@ from bench.files import dump_json, read_json, write_atomic
 ROOT = Path(bench.__file__).resolve().parent.parent  # the code every process imports
 THREADS = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                   "NUMBA_NUM_THREADS")}  # as in asv.conf.json
-PASSES = (7, 13, 25)
+PASSES = (7, 13, 25, 37)
 FACTORS = (1.02, 1.03, 1.04, 1.05, 1.06, 1.08)
 
 
