@@ -25,6 +25,8 @@ PLUGINS = {
     "decode": ("bench.decode_report", "state-cached generation and tree-search speed figures"),
     "routing-stats": ("bench.routing_stats", "token frequency, router entropy, tier shares"),
     "report": ("bench.report", "write the static HTML report"),
+    "calibrate": ("bench.calibrate", "false-alarm and detection rates of the CI gate, measured "
+                                     "as it runs; chooses its factor and passes"),
 }
 
 
@@ -235,14 +237,6 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 1 if any(r.problem for r in rows) else 0
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from bench.calibrate import calibrate
-
-    calibrate(comparisons=args.comparisons, slowdown=args.slowdown, factor=args.factor,
-              rounds=args.rounds or 25, output=args.output)
-    return 0
-
-
 def add_allow_dirty(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-dirty", action="store_true",
                         help="record from a working tree with uncommitted changes, as commit "
@@ -294,16 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_allow_dirty(p)
     add_setup_arguments(p)
     p.set_defaults(func=cmd_baseline)
-
-    p = sub.add_parser("calibrate", help="false-alarm and detection rates of the CI gate")
-    p.add_argument("--comparisons", type=positive_int, default=20)
-    p.add_argument("--slowdown", type=float, default=0.10)
-    p.add_argument("--factor", type=float, default=1.05,
-                   help="the gate flags a ratio that worsens by more than this factor")
-    p.add_argument("--rounds", type=positive_int,
-                   help="passes over the 3 batches per measurement (default 25, as the gate)")
-    p.add_argument("--output", type=Path, default=Path("runs"))
-    p.set_defaults(func=cmd_calibrate)
 
     for name, (module, help_text) in PLUGINS.items():
         try:

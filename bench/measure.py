@@ -3,14 +3,15 @@
 A speedup is ``t_reference / t_candidate`` timed in one process, interleaved (each round times
 both, alternating which goes first), on one torch thread, after warm-up; the reported figure is
 the median of the per-round ratios with its interquartile range. Raw timings of identical code
-in separate processes moved by up to 40% on this machine kind, ratios in one process by about 3%
-(shared/MEASUREMENT-FACTS.md), so only ratios are trusted.
+in separate processes moved by up to 40% on this machine kind, ratios in one process by about 3%,
+so only ratios are trusted.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
 import timeit
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -82,19 +83,21 @@ def _quantile(values: tuple[float, ...], q: float) -> float:
 
 
 Call = Callable[[], object]
+Clock = Callable[[], float]  # seconds since an arbitrary origin, like time.perf_counter
 
 
 def paired_speedup(reference: Call | Sequence[Call], candidate: Call | Sequence[Call], *,
-                   rounds: int = 7, warmup: int = 1, number: int = 1,
-                   threads: int = 1) -> Speedup:
+                   rounds: int = 7, warmup: int = 1, number: int = 1, threads: int = 1,
+                   clock: Clock = time.perf_counter) -> Speedup:
     """Time ``reference`` and ``candidate`` alternately in this process and compare them.
 
     Either may be one callable or a sequence of paired callables (for example one per batch of
     a workload): round ``r`` times pair ``r mod len`` on both sides, alternating which goes
     first, so a disturbance lasting longer than a round hits both sides alike. Each timing is
-    ``timeit.Timer(fn).timeit(number) / number`` (the standard library's timer: perf_counter,
+    ``timeit.Timer(fn, timer=clock).timeit(number) / number`` (the standard library's timer:
     garbage collection paused); torch's benchmark Timer was not used because its ``timeit``
-    runs extra warm-up calls inside every measurement.
+    runs extra warm-up calls inside every measurement. Tests pass a fake ``clock`` that the
+    callables advance, so every figure can be checked exactly.
     """
     refs = list(reference) if isinstance(reference, Sequence) else [reference]
     cands = list(candidate) if isinstance(candidate, Sequence) else [candidate]
@@ -104,7 +107,8 @@ def paired_speedup(reference: Call | Sequence[Call], candidate: Call | Sequence[
     if rounds < 1 or number < 1 or warmup < 0:
         raise ValueError(f"need rounds >= 1, number >= 1, warmup >= 0; got {rounds}, {number}, "
                          f"{warmup}")
-    timers = [(timeit.Timer(r), timeit.Timer(c)) for r, c in zip(refs, cands, strict=True)]
+    timers = [(timeit.Timer(r, timer=clock), timeit.Timer(c, timer=clock))
+              for r, c in zip(refs, cands, strict=True)]
     with torch_threads(threads):
         for _ in range(warmup):
             for r, c in zip(refs, cands, strict=True):
@@ -168,10 +172,10 @@ class Workload:
         return [forward(x) for x in self.batches]
 
     def paired(self, reference: nn.Module, candidate: nn.Module, *, passes: int = 7,
-               threads: int = 1) -> Speedup:
+               threads: int = 1, clock: Clock = time.perf_counter) -> Speedup:
         """Paired speedup over ``passes`` passes of the workload, interleaved batch by batch."""
         return paired_speedup(self.calls(reference), self.calls(candidate),
-                              rounds=passes * len(self.batches), threads=threads)
+                              rounds=passes * len(self.batches), threads=threads, clock=clock)
 
     @torch.no_grad()
     def account(self, model: nn.Module) -> tuple[Work, dict[str, float]]:
@@ -252,14 +256,15 @@ class Comparison:
 
 def compare(name: str, reference: nn.Module, candidate: nn.Module, workload: Workload, *,
             corpus: Corpus | None = None, rounds: int = 3, flop_batches: int = 2,
-            quality_batches: int | None = None, threads: int = 1) -> Comparison:
+            quality_batches: int | None = None, threads: int = 1,
+            clock: Clock = time.perf_counter) -> Comparison:
     """Measure ``candidate`` against ``reference``: paired wall time, FLOPs, work, quality.
 
     Wall time: ``rounds`` passes over the workload, interleaved batch by batch.
     FLOPs are counted on the first ``flop_batches`` batches (the counter is slow); work over the
     whole workload; quality on the test split of ``corpus`` when given.
     """
-    speed = workload.paired(reference, candidate, passes=rounds, threads=threads)
+    speed = workload.paired(reference, candidate, passes=rounds, threads=threads, clock=clock)
     sample = Workload(workload.name, workload.batches[:flop_batches])
     flops_ref = count_flops(lambda: sample.account(reference))
     flops_cand = count_flops(lambda: sample.account(candidate))

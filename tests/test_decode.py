@@ -4,22 +4,12 @@ from dataclasses import FrozenInstanceError
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bk.decode import decode, generate, generate_recompute
 from bk.model import LanguageModel, Work
-from tests.tiny import CFG, EOS, tiny_model
-
-seeds = st.integers(0, 4)
-
-
-@st.composite
-def prompts(draw, max_batch: int = 3, max_len: int = 8) -> torch.Tensor:
-    b = draw(st.integers(1, max_batch))
-    p = draw(st.integers(1, max_len))
-    ids = draw(st.lists(st.integers(0, CFG.vocab_size - 1), min_size=b * p, max_size=b * p))
-    return torch.tensor(ids, dtype=torch.int64).view(b, p)
+from tests.strategies import EOS, TINY, model_seeds, seeds, tiny_model, token_batches
 
 
 def first_eos(row: torch.Tensor) -> int | None:
@@ -27,7 +17,8 @@ def first_eos(row: torch.Tensor) -> int | None:
     return int(hits[0]) if hits.numel() else None
 
 
-@given(seeds, prompts(max_len=12))
+@given(model_seeds, token_batches(max_len=12))
+@example(1, torch.arange(TINY.n_seq)[None].repeat(2, 1))  # a prompt as long as n_seq
 def test_step_by_step_logits_equal_the_full_forward_logits(seed, prompt):
     model = tiny_model(seed)
     with torch.no_grad():
@@ -38,14 +29,15 @@ def test_step_by_step_logits_equal_the_full_forward_logits(seed, prompt):
             torch.testing.assert_close(logits, full[:, i], rtol=1e-12, atol=1e-12)
 
 
-@given(seeds, prompts(), st.integers(1, 12), st.sampled_from([None, EOS]))
+@given(model_seeds, token_batches(), st.integers(1, 12), st.sampled_from([None, EOS]))
+@example(0, torch.full((3, 8), EOS), 12, EOS)  # EOS in the prompt; past n_seq in all
 def test_cached_greedy_generation_equals_recompute_greedy_generation(seed, prompt, n, eos):
     model = tiny_model(seed, eos_boost=1.0)
     cached = generate(model, prompt, n, temperature=0, eos_id=eos)
     assert torch.equal(cached, generate_recompute(model, prompt, n, temperature=0, eos_id=eos))
 
 
-@given(seeds, prompts(), st.integers(1, 12))
+@given(model_seeds, token_batches(), st.integers(1, 12))
 def test_greedy_generation_is_deterministic_whatever_the_random_state(seed, prompt, n):
     model = tiny_model(seed)
     first = generate(model, prompt, n, temperature=0,
@@ -57,7 +49,7 @@ def test_greedy_generation_is_deterministic_whatever_the_random_state(seed, prom
     assert first.shape == (prompt.shape[0], prompt.shape[1] + n)
 
 
-@given(seeds, prompts(), st.integers(1, 12), st.integers(0, 2**31 - 1),
+@given(model_seeds, token_batches(), st.integers(1, 12), seeds,
        st.sampled_from([None, 3]))
 def test_sampling_with_equal_generators_gives_equal_cached_and_recompute_tokens(
         seed, prompt, n, sample_seed, top_k):
@@ -73,7 +65,7 @@ def test_sampling_with_equal_generators_gives_equal_cached_and_recompute_tokens(
     assert torch.equal(cached, recomputed)
 
 
-@given(seeds, prompts(), st.integers(1, 12), st.integers(0, 2**31 - 1))
+@given(model_seeds, token_batches(), st.integers(1, 12), seeds)
 def test_top_k_one_sampling_is_greedy_decoding(seed, prompt, n, sample_seed):
     model = tiny_model(seed)
     sampled = generate(model, prompt, n, temperature=1.5, top_k=1,
@@ -81,7 +73,8 @@ def test_top_k_one_sampling_is_greedy_decoding(seed, prompt, n, sample_seed):
     assert torch.equal(sampled, generate(model, prompt, n, temperature=0))
 
 
-@given(seeds, prompts(), st.integers(1, 15), st.integers(0, 2**31 - 1))
+@given(model_seeds, token_batches(), st.integers(1, 15), seeds)
+@example(0, torch.tensor([[EOS, 1], [2, EOS]]), 15, 0)  # EOS in the prompt does not end it
 def test_nothing_is_generated_after_eos(seed, prompt, n, sample_seed):
     model = tiny_model(seed, eos_boost=3.0)
     out = decode(model, prompt, n, eos_id=EOS, generator=torch.Generator().manual_seed(sample_seed))
@@ -102,10 +95,10 @@ def test_the_call_stops_once_every_sequence_has_ended():
     out = decode(model, torch.zeros(3, 4, dtype=torch.int64), 30, temperature=0, eos_id=EOS)
     assert out.tokens.shape == (3, 5)
     assert out.lengths.tolist() == [1, 1, 1]
-    assert out.work == Work(3 * 4 * CFG.n_layers, 3 * 4 * CFG.n_layers, 3 * 4 * CFG.n_layers)
+    assert out.work == Work(3 * 4 * TINY.n_layers, 3 * 4 * TINY.n_layers, 3 * 4 * TINY.n_layers)
 
 
-@given(seeds, prompts(), st.integers(1, 12))
+@given(model_seeds, token_batches(), st.integers(1, 12))
 def test_each_row_of_a_batch_is_generated_as_if_it_were_alone(seed, prompt, n):
     model = tiny_model(seed, eos_boost=2.0)
     batch = decode(model, prompt, n, temperature=0, eos_id=EOS)
@@ -116,27 +109,27 @@ def test_each_row_of_a_batch_is_generated_as_if_it_were_alone(seed, prompt, n):
         assert torch.equal(batch.tokens[i, :alone.tokens.shape[1]], alone.tokens[0])
 
 
-@given(seeds, prompts(), st.integers(1, 12))
+@given(model_seeds, token_batches(), st.integers(1, 12))
 def test_cached_work_counts_each_fed_token_once_per_layer(seed, prompt, n):
     model = tiny_model(seed, eos_boost=2.0)
     out = decode(model, prompt, n, temperature=0, eos_id=EOS)
     # every prompt token and every generated token but each row's last is fed through step
     fed = sum(prompt.shape[1] + length - 1 for length in out.lengths.tolist())
-    expected = fed * CFG.n_layers
+    expected = fed * TINY.n_layers
     assert out.work == Work(expected, expected, expected)
 
 
-@given(seeds, prompts(), st.integers(1, 12))
+@given(model_seeds, token_batches(), st.integers(1, 12))
 def test_recompute_work_counts_every_position_of_every_prefix(seed, prompt, n):
     model = tiny_model(seed, eos_boost=2.0)
     out = decode(model, prompt, n, temperature=0, eos_id=EOS, use_cache=False)
     p = prompt.shape[1]
     positions = sum(p + j for length in out.lengths.tolist() for j in range(length))
-    assert out.work.positions == positions * CFG.n_layers
+    assert out.work.positions == positions * TINY.n_layers
 
 
-@given(seeds, prompts(max_batch=2), st.integers(0, CFG.vocab_size - 1),
-       st.integers(0, CFG.vocab_size - 1))
+@given(model_seeds, token_batches(max_batch=2), st.integers(0, TINY.vocab_size - 1),
+       st.integers(0, TINY.vocab_size - 1))
 def test_branching_from_a_state_never_changes_it(seed, prompt, a, b):
     model = tiny_model(seed)
     with torch.no_grad():
@@ -195,7 +188,7 @@ def test_a_model_without_a_decode_state_is_rejected():
 
 @pytest.mark.parametrize("fn", [generate, generate_recompute])
 def test_nan_logits_raise_instead_of_being_sampled(fn):
-    model = LanguageModel(CFG).double().eval()
+    model = LanguageModel(TINY).double().eval()
     with torch.no_grad():
         model.head.bias[3] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN"):

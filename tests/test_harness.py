@@ -21,39 +21,13 @@ import torch
 from bench import baselines, pipeline
 from bench.cli import build_parser, main, parse_value, setup_from
 from bench.files import figure_writer, locked, publish, read_json, write_atomic, write_new
-from bench.measure import Comparison, Speedup, Workload, count_flops, paired_speedup
+from bench.measure import Comparison, Speedup, Workload
 from bench.pipeline import Bench, Setup
 from bench.registry import get, techniques
 from bk.atomic import HOST
 from bk.data import load_corpus
 from bk.model import LanguageModel, ModelConfig, Work
 from bk.train import Evaluation, content_digest, load_checkpoint, load_model, save_checkpoint
-
-
-def test_speedup_is_the_median_of_per_round_ratios_with_its_quartiles():
-    s = Speedup(ratios=(1.0, 2.0, 4.0, 3.0, 5.0), t_reference=1.0, t_candidate=0.5)
-    assert s.speedup == 3.0 and s.q1 == 2.0 and s.q3 == 4.0 and s.rounds == 5
-    assert s.warning is not None and "noisy" in s.warning
-    assert Speedup((1.0, 1.01, 0.99), 1.0, 1.0).warning is None
-
-
-def test_paired_timing_runs_reference_and_candidate_alternately_after_warmup():
-    calls = []
-    s = paired_speedup(lambda: calls.append("r"), lambda: calls.append("c"), rounds=4, warmup=1)
-    assert calls[:2] == ["r", "c"]
-    rounds = calls[2:]
-    assert rounds == ["r", "c", "c", "r", "r", "c", "c", "r"]
-    assert s.rounds == 4 and all(r > 0 for r in s.ratios)
-
-
-def test_paired_timing_rejects_nonsense_settings():
-    with pytest.raises(ValueError, match="rounds"):
-        paired_speedup(lambda: None, lambda: None, rounds=0)
-
-
-def test_flops_come_from_torch_flop_counter():
-    a, b = torch.randn(8, 16), torch.randn(16, 4)
-    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
 
 
 def make_comparison(name="t", speedup=2.0, ppl_ref=10.0, ppl_cand=10.2) -> Comparison:
@@ -195,17 +169,6 @@ def test_bad_options_give_a_clear_error(capsys):
     assert main(["measure", "nope", "--quick", "--corpus", "synthetic", "--steps", "0",
                  "--output", "/tmp/bk-bench-none", "--no-progress"]) == 2
     assert "unknown technique" in capsys.readouterr().err
-
-
-def test_paired_timing_cycles_through_paired_batches_on_both_sides():
-    calls = []
-    refs = [lambda i=i: calls.append(("r", i)) for i in range(3)]
-    cands = [lambda i=i: calls.append(("c", i)) for i in range(3)]
-    paired_speedup(refs, cands, rounds=4, warmup=0)
-    assert calls == [("r", 0), ("c", 0), ("c", 1), ("r", 1), ("r", 2), ("c", 2), ("c", 0),
-                     ("r", 0)]
-    with pytest.raises(ValueError, match="as many"):
-        paired_speedup(refs, cands[:2])
 
 
 def test_the_same_setup_trains_the_same_weights_in_separate_folders(tmp_path):

@@ -5,7 +5,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bk.decode import generate
@@ -17,15 +17,14 @@ from bk.maxent_ts import (
     maxent_ts,
     soft_value,
 )
-from tests.tiny import CFG, EOS, tiny_model
+from tests.strategies import EOS, model_seeds, seeds, tiny_model, token_sequences
 
 
 def scorer(prompt_length: int) -> LogLikelihoodReward:
     return LogLikelihoodReward(tiny_model(99), prompt_length)
 
 
-prompts = st.lists(st.integers(0, CFG.vocab_size - 1), min_size=1, max_size=6).map(
-    lambda ids: torch.tensor(ids, dtype=torch.int64))
+prompts = token_sequences(max_len=6)
 
 
 @st.composite
@@ -57,14 +56,14 @@ values_and_priors = st.integers(1, 6).flatmap(lambda n: st.tuples(
 
 
 @searches
-@given(st.integers(0, 3), prompts, configs())
+@given(model_seeds, prompts, configs())
 def test_root_visits_equal_the_number_of_rollouts(seed, prompt, config):
     result = search(seed, prompt, config).run()
     assert result.root.visits == config.rollouts == len(result.rollouts)
 
 
 @searches
-@given(st.integers(0, 3), prompts, configs())
+@given(model_seeds, prompts, configs())
 def test_a_nodes_visits_are_its_own_rollout_plus_its_childrens_visits(seed, prompt, config):
     root = search(seed, prompt, config).run().root
     assert root.visits == sum(c.visits for c in root.children)
@@ -74,7 +73,7 @@ def test_a_nodes_visits_are_its_own_rollout_plus_its_childrens_visits(seed, prom
 
 
 @searches
-@given(st.integers(0, 3), prompts, configs(rollouts=12, max_new_tokens=3, top_k=2, eos_id=EOS))
+@given(model_seeds, prompts, configs(rollouts=12, max_new_tokens=3, top_k=2, eos_id=EOS))
 def test_terminal_nodes_are_never_expanded(seed, prompt, config):
     root = search(seed, prompt, config, eos_boost=4.0).run().root
     terminals = [n for n in root.walk() if n.terminal]
@@ -87,7 +86,7 @@ def test_terminal_nodes_are_never_expanded(seed, prompt, config):
 
 
 @searches
-@given(st.integers(0, 3), prompts, configs(rollouts=12, max_new_tokens=3, top_k=2, eos_id=EOS))
+@given(model_seeds, prompts, configs(rollouts=12, max_new_tokens=3, top_k=2, eos_id=EOS))
 def test_sequences_end_at_their_first_eos_and_within_the_token_budget(seed, prompt, config):
     result = search(seed, prompt, config, eos_boost=2.0).run()
     for rollout in result.rollouts:
@@ -127,8 +126,36 @@ def test_the_soft_value_tends_to_the_prior_weighted_mean_as_lam_grows(vp):
     assert soft_value(values, priors, 1e9) == pytest.approx(mean, abs=1e-5)
 
 
+children_values_and_priors = st.lists(st.tuples(st.floats(-5, 5), st.floats(1e-3, 1.0)),
+                                      min_size=2, max_size=5)
+
+
+@given(children_values_and_priors, st.floats(0.05, 20), seeds)
+@example([(0.0, 0.5), (-1.0, 0.25), (-2.0, 0.25)], 0.5, 0)
+@example([(1.0, 0.1), (0.0, 0.9)], 4.0, 1)
+def test_boltzmann_selection_draws_a_child_with_probability_pi_exp_v_over_lam(children, lam,
+                                                                               seed):
+    ts = search(0, torch.tensor([1, 2]), SearchConfig(lam=lam, seed=seed))
+    root = ts.root
+    root.children = [Node(token, prior, 1, False, root, visits=1, value=value)
+                     for token, (value, prior) in enumerate(children)]
+    root.visits = len(children) + 1
+    # float64 oracle: p_c proportional to pi_c exp(V_c / lam), the soft backup's optimal policy
+    exponents = [math.log(prior) + value / lam for value, prior in children]
+    weights = [math.exp(e - max(exponents)) for e in exponents]
+    expected = torch.tensor([w / math.fsum(weights) for w in weights], dtype=torch.float64)
+    with patch("torch.multinomial", wraps=torch.multinomial) as drawn:
+        picks = [ts.select(root).token for _ in range(20)]
+    for call in drawn.call_args_list:
+        torch.testing.assert_close(call.args[0], expected, rtol=1e-12, atol=1e-15)
+    assert len(drawn.call_args_list) == 20
+    generator = torch.Generator().manual_seed(seed)
+    assert picks == [int(torch.multinomial(expected, 1, generator=generator))
+                     for _ in range(20)]
+
+
 @searches
-@given(st.integers(0, 3), prompts, configs())
+@given(model_seeds, prompts, configs())
 def test_every_searched_value_is_the_soft_backup_of_its_visited_children(seed, prompt, config):
     root = search(seed, prompt, config).run().root
     for node in root.walk():
@@ -141,7 +168,7 @@ def test_every_searched_value_is_the_soft_backup_of_its_visited_children(seed, p
 
 
 @searches
-@given(st.integers(0, 3), prompts, st.integers(1, 10), st.sampled_from([None, EOS]))
+@given(model_seeds, prompts, st.integers(1, 10), st.sampled_from([None, EOS]))
 def test_top_k_one_with_one_greedy_rollout_equals_greedy_decoding(seed, prompt, n, eos):
     config = SearchConfig(rollouts=1, max_new_tokens=n, top_k=1, temperature=0, eos_id=eos)
     result = search(seed, prompt, config, eos_boost=2.0).run()
@@ -150,7 +177,7 @@ def test_top_k_one_with_one_greedy_rollout_equals_greedy_decoding(seed, prompt, 
 
 
 @searches
-@given(st.integers(0, 3), prompts, configs())
+@given(model_seeds, prompts, configs())
 def test_the_search_without_the_cache_finds_the_same_sequences_as_with_it(seed, prompt, config):
     cached = search(seed, prompt, config).run()
     recomputed = search(seed, prompt, SearchConfig(**(vars(config) | {"use_cache": False}))).run()
@@ -162,7 +189,7 @@ def test_the_search_without_the_cache_finds_the_same_sequences_as_with_it(seed, 
 
 
 @searches
-@given(st.integers(0, 3), prompts, configs())
+@given(model_seeds, prompts, configs())
 def test_the_cached_search_never_runs_a_full_forward_pass(seed, prompt, config):
     ts = search(seed, prompt, config)
     recompute = AssertionError("the cached search ran a full forward pass over a prefix")
@@ -171,7 +198,7 @@ def test_the_cached_search_never_runs_a_full_forward_pass(seed, prompt, config):
 
 
 @searches
-@given(st.integers(0, 3), prompts, st.integers(0, 2**31 - 1))
+@given(model_seeds, prompts, seeds)
 def test_expanding_a_sibling_never_changes_the_parents_state(seed, prompt, order_seed):
     ts = search(seed, prompt, SearchConfig(top_k=4, max_new_tokens=5))
     ts.expand(ts.root)

@@ -10,22 +10,7 @@ from bk.decode import decode
 from bk.maxent_ts import LogLikelihoodReward, SearchConfig, maxent_ts
 from bk.model import LanguageModel, ModelConfig
 from bk.step_kernel import StepKernel
-from tests.tiny import CFG, tiny_model
-
-
-@st.composite
-def models(draw) -> LanguageModel:
-    """A float64 model of any small shape, every parameter drawn (so routing varies)."""
-    cfg = ModelConfig(vocab_size=draw(st.integers(2, 20)), d_model=draw(st.integers(1, 12)),
-                      n_layers=draw(st.integers(1, 3)), n_seq=8,
-                      n_experts=draw(st.integers(1, 4)), d_expert=draw(st.integers(1, 12)),
-                      bk_channels=draw(st.integers(1, 4)))
-    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
-    model = LanguageModel(cfg).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    return model
+from tests.strategies import TINY, model_seeds, small_models, tiny_model
 
 
 def tokens_for(model: LanguageModel, batch: int, length: int, seed: int) -> torch.Tensor:
@@ -33,7 +18,7 @@ def tokens_for(model: LanguageModel, batch: int, length: int, seed: int) -> torc
     return torch.randint(model.cfg.vocab_size, (batch, length), generator=g)
 
 
-@given(models(), st.integers(1, 4), st.integers(1, 8), st.integers(0, 99))
+@given(small_models(), st.integers(1, 4), st.integers(1, 8), st.integers(0, 99))
 def test_kernel_logits_and_states_equal_the_torch_step_in_float64(model, batch, length, seed):
     idx = tokens_for(model, batch, length, seed)
     kernel = StepKernel.of(model)
@@ -50,7 +35,7 @@ def test_kernel_logits_and_states_equal_the_torch_step_in_float64(model, batch, 
             assert ours.position == theirs.position == i + 1
 
 
-@given(st.integers(0, 4), st.integers(1, 4), st.integers(0, 99))
+@given(model_seeds, st.integers(1, 4), st.integers(0, 99))
 def test_kernel_agrees_with_the_torch_step_in_float32(seed, batch, seed_tokens):
     torch.manual_seed(seed)
     model = LanguageModel(ModelConfig(vocab_size=30)).eval()
@@ -65,7 +50,7 @@ def test_kernel_agrees_with_the_torch_step_in_float32(seed, batch, seed_tokens):
             torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
-@given(st.integers(0, 4), st.integers(1, 5), st.integers(0, 99))
+@given(model_seeds, st.integers(1, 5), st.integers(0, 99))
 def test_states_pass_between_the_kernel_and_the_torch_step(seed, switch, seed_tokens):
     model = tiny_model(seed)
     idx = tokens_for(model, 2, 6, seed_tokens)
@@ -79,7 +64,7 @@ def test_states_pass_between_the_kernel_and_the_torch_step(seed, switch, seed_to
             torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
 
 
-@given(st.integers(0, 4), st.integers(0, 99))
+@given(model_seeds, st.integers(0, 99))
 def test_a_kernel_step_never_changes_the_state_it_starts_from(seed, seed_tokens):
     model = tiny_model(seed)
     idx = tokens_for(model, 3, 4, seed_tokens)
@@ -89,13 +74,13 @@ def test_a_kernel_step_never_changes_the_state_it_starts_from(seed, seed_tokens)
         _, state = kernel(idx[:, i], state)
     before = [g.clone() for g in state.g]
     first, _ = kernel(idx[:, 3], state)
-    kernel((idx[:, 3] + 1) % CFG.vocab_size, state)
+    kernel((idx[:, 3] + 1) % TINY.vocab_size, state)
     again, _ = kernel(idx[:, 3], state)
     assert all(torch.equal(g, h) for g, h in zip(state.g, before, strict=True))
     assert torch.equal(first, again)
 
 
-@given(st.integers(0, 4), st.integers(0, 99), st.integers(1, 10))
+@given(model_seeds, st.integers(0, 99), st.integers(1, 10))
 def test_generation_with_and_without_the_kernel_is_the_same(seed, seed_tokens, n):
     model = tiny_model(seed)
     prompt = tokens_for(model, 2, 3, seed_tokens)
@@ -106,7 +91,7 @@ def test_generation_with_and_without_the_kernel_is_the_same(seed, seed_tokens, n
         assert torch.equal(*runs)
 
 
-@given(st.integers(0, 4), st.integers(0, 99))
+@given(model_seeds, st.integers(0, 99))
 def test_tree_search_with_and_without_the_kernel_finds_the_same_sequences(seed, seed_tokens):
     model = tiny_model(seed)
     prompt = tokens_for(model, 1, 3, seed_tokens)[0]
@@ -119,7 +104,7 @@ def test_tree_search_with_and_without_the_kernel_finds_the_same_sequences(seed, 
 
 
 def test_the_kernel_uses_the_weights_as_they_were_when_it_was_built():
-    model = LanguageModel(CFG).double().eval()
+    model = LanguageModel(TINY).double().eval()
     tokens = torch.tensor([1, 2])
     kernel = StepKernel.of(model)
     before, _ = kernel(tokens, model.init_state(2))
@@ -136,7 +121,7 @@ def test_bad_tokens_and_states_are_refused_with_what_was_expected():
     kernel = StepKernel.of(model)
     state = model.init_state(2)
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 17\), got 17"):
-        kernel(torch.tensor([3, CFG.vocab_size]), state)
+        kernel(torch.tensor([3, TINY.vocab_size]), state)
     with pytest.raises(ValueError, match="got -1"):
         kernel(torch.tensor([-1, 0]), state)
     with pytest.raises(ValueError, match="1-D int64"):
@@ -156,13 +141,13 @@ def test_bad_tokens_and_states_are_refused_with_what_was_expected():
 
 def test_only_a_plain_language_model_gets_a_kernel():
     assert StepKernel.supports(tiny_model(0))
-    model = EarlyExitLanguageModel(CFG)
+    model = EarlyExitLanguageModel(TINY)
     assert not StepKernel.supports(model)
     with pytest.raises(TypeError, match="EarlyExitLanguageModel"):
         StepKernel.of(model)
     with pytest.raises(TypeError, match=r"float32 or all in float64, got \[.torch.bfloat16.\]"):
-        StepKernel.of(LanguageModel(CFG).to(torch.bfloat16))
-    mixed = LanguageModel(CFG)
+        StepKernel.of(LanguageModel(TINY).to(torch.bfloat16))
+    mixed = LanguageModel(TINY)
     mixed.head.double()
     with pytest.raises(TypeError, match=r"\['torch.float32', 'torch.float64'\]"):
         StepKernel.of(mixed)
