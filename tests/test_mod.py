@@ -231,9 +231,11 @@ def test_the_task_loss_trains_the_routers_through_the_tokens_that_ran():
 # ---------------------------------------------------------------------------------------------
 
 
-def strided(n: int, window: int, keep: float) -> torch.Tensor:
-    j = torch.arange(n) % window
-    return torch.tensor([math.floor((i + 1) * keep) > math.floor(i * keep) for i in j.tolist()])
+def strided(n: int, keep: float) -> torch.Tensor:
+    """``k = max(1, floor(keep n_seq))`` evenly strided positions of every ``n_seq`` window."""
+    rate = max(1, math.floor(keep * CFG.n_seq)) / CFG.n_seq
+    j = torch.arange(n) % CFG.n_seq
+    return torch.tensor([math.floor((i + 1) * rate) > math.floor(i * rate) for i in j.tolist()])
 
 
 @given(seeds, token_batches(), st.floats(0.05, 1.0), routings)
@@ -250,7 +252,7 @@ def test_a_forced_uniform_model_runs_evenly_strided_positions_without_routers(se
             h.remove()
     b, n = idx.shape
     window, k = window_and_k(model, n, keep)
-    ran = first_k_in_windows(strided(n, window, keep).expand(b, n), window, k)
+    ran = first_k_in_windows(strided(n, keep).expand(b, n), window, k)
     unrouted = CFG.n_layers - len(model.routers)
     assert torch.equal(out.stats["layers_per_token"], unrouted + len(model.routers) * ran.to(F64))
     windows = -(-n // window)
@@ -284,7 +286,7 @@ def test_a_forced_per_token_model_selects_at_random_at_the_rate_and_the_capacity
 def test_a_forced_model_equals_the_routed_one_when_the_routers_pick_the_same_positions():
     model = mod_model(1, capacity=0.5)
     idx = torch.randint(0, CFG.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
-    pattern = strided(12, CFG.n_seq, 0.5)
+    pattern = strided(12, 0.5)
     handles = [r.register_forward_hook(
         lambda module, args, out: torch.where(pattern, 1.0, -1.0).to(out).expand_as(out[..., 0])
         [..., None]) for r in model.routers.values()]

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from bk.model import BKBlock
 from bk.skip import Subset, run_block, step_block
-from tests.tiny import CFG
+from tests.strategies import TINY as CFG
 
 F64 = torch.float64
 

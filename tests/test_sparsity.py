@@ -19,7 +19,7 @@ from bk.adaptive.sparsity import (
 from bk.model import BKBlock, DecodeState, LanguageModel, ModelConfig
 from bk.skip import carry_previous
 from bk.technique import Forcing, KnobError
-from tests.tiny import CFG
+from tests.strategies import TINY as CFG
 
 F64 = torch.float64
 seeds = st.integers(0, 2**31 - 1)

@@ -122,7 +122,8 @@ class CapacityDepthModel(TechniqueModel):
     Forcing (the ceiling, :meth:`forced`): the skippable unit is a token-layer of a routed
     layer (unrouted layers always run). The forced model runs no router and routes with
     capacity ``keep``: ``"uniform"`` selects evenly strided positions (position ``j`` of its
-    window when ``floor((j + 1) keep) > floor(j keep)``), exactly ``k`` per full window;
+    window when ``floor((j + 1) r) > floor(j r)``, ``r = k / n_seq``), exactly ``k`` per full
+    window;
     ``"per_token"`` selects each token at random with probability ``keep`` (the capacity
     still applies). Its work rate on the routed layers is ``k / n_seq`` for ``N = n_seq``.
     """
@@ -170,12 +171,12 @@ class CapacityDepthModel(TechniqueModel):
         if self.forcing is None:
             score = self.routers[str(layer)](x).squeeze(-1)
             return score > 0, score
-        keep = self.forcing.keep
-        if self.forcing.pattern == "uniform":
-            j = torch.arange(n, dtype=torch.float64, device=x.device) % window
-            return ((j + 1) * keep).floor().gt((j * keep).floor()).expand(b, n), None
+        if self.forcing.pattern == "uniform":  # exactly the budget k, evenly strided
+            rate = self.budget() / self.cfg.n_seq
+            j = torch.arange(n, dtype=torch.float64, device=x.device) % self.cfg.n_seq
+            return ((j + 1) * rate).floor().gt((j * rate).floor()).expand(b, n), None
         draws = torch.rand(b, n, generator=generator, dtype=torch.float64)
-        return draws.to(x.device) < keep, None
+        return draws.to(x.device) < self.forcing.keep, None
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         self.check_tokens(idx)
