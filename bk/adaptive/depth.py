@@ -69,6 +69,72 @@ def straight_through(score: torch.Tensor) -> torch.Tensor:
     return 1 + (r - r.detach())  # r - r.detach() is exactly 0, so the value is exactly 1
 
 
+class DepthRouting:
+    """Mixture-of-Depths capacity routing of chosen blocks, mixed into a :class:`TechniqueModel`
+    (before it in the bases): the routers ``routers.{i}``, the budget, the decisions (learned
+    or forced) and one routed block. :class:`CapacityDepthModel` documents the rule; a block's
+    window is its ``context`` positions (``n_seq`` at full resolution).
+
+    ``DEPTH_CAPACITY`` names the knob holding the capacity (``capacity`` in
+    :class:`CapacityDepthModel`; a model that also has other capacities renames it).
+    """
+
+    DEPTH_CAPACITY: ClassVar[str] = "capacity"
+    cfg: ModelConfig
+    routers: nn.ModuleDict
+    forcing: Forcing | None = None
+
+    def init_routing(self, layers: list[int]) -> None:
+        """Routers for ``layers`` (bias 0, PyTorch's default weights)."""
+        self.routers = nn.ModuleDict({str(layer): nn.Linear(self.cfg.d_model, 1)
+                                      for layer in layers})
+        for router in self.routers.values():
+            nn.init.zeros_(router.bias)
+
+    def budget(self, context: int | None = None) -> int:
+        """``k``: tokens of each window of ``context`` (default ``n_seq``) positions that may
+        run a routed layer."""
+        context = self.cfg.n_seq if context is None else context
+        keep = getattr(self, self.DEPTH_CAPACITY) if self.forcing is None else self.forcing.keep
+        return max(1, math.floor(keep * context))
+
+    def decide(self, layer: int, x: torch.Tensor, context: int,
+               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Selection ``(B, N)`` bool for ``layer`` and the router scores (None when forced)."""
+        b, n, _ = x.shape
+        if self.forcing is None:
+            score = self.routers[str(layer)](x).squeeze(-1)
+            return score > 0, score
+        if self.forcing.pattern == "uniform":  # exactly the budget k, evenly strided
+            rate = self.budget(context) / context
+            j = torch.arange(n, dtype=torch.float64, device=x.device) % context
+            return ((j + 1) * rate).floor().gt((j * rate).floor()).expand(b, n), None
+        draws = torch.rand(b, n, generator=generator, dtype=torch.float64)
+        return draws.to(x.device) < self.forcing.keep, None
+
+    def routed_block(self, layer: int, block: nn.Module, x: torch.Tensor, context: int,
+                     generator: torch.Generator | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Subset]:
+        """Routed block ``layer`` on ``x`` ``(B, N, d)`` with windows of ``context`` positions:
+        (new x, MoE balance loss, the router loss (None when forced or not training), the
+        subset of the padded flat positions that ran)."""
+        b, n, _ = x.shape
+        window = min(n, context)
+        pad = -n % window  # the last window of a sequence longer than context, filled up
+        k = min(self.budget(context), window)
+        select, score = self.decide(layer, x, context, generator)
+        subset = Subset.capacity(padded(select, pad).reshape(-1, window), k)
+        gate = router_loss = None
+        if score is not None:
+            gate = straight_through(subset.gather(padded(score, pad).reshape(-1)))
+            if self.training:
+                router_loss = F.binary_cross_entropy_with_logits(
+                    score, top_k_targets(score.detach(), window, k))
+        out, balance = run_block(block, padded(x, pad), subset, fill="zero", readout="ran",
+                                 scale=gate)
+        return out[:, :n], balance, router_loss, subset
+
+
 @dataclass(frozen=True)
 class CapacityState(DecodeState):
     """A :class:`DecodeState` with, per routed layer, the tokens of each sequence that ran it
@@ -77,7 +143,7 @@ class CapacityState(DecodeState):
     ran: torch.Tensor | None = None
 
 
-class CapacityDepthModel(TechniqueModel):
+class CapacityDepthModel(DepthRouting, TechniqueModel):
     """Mixture-of-Depths capacity routing over the layers of ResNet-BK (Raposo et al. 2024).
 
     In each routed layer a linear router scores every token from the block's input, ``s =
@@ -152,38 +218,14 @@ class CapacityDepthModel(TechniqueModel):
             raise KnobError(f"knob routed: {self.routed!r} routes no layer of a "
                             f"{cfg.n_layers}-layer model")
         self.forcing: Forcing | None = None
-        self.routers = nn.ModuleDict({str(layer): nn.Linear(cfg.d_model, 1) for layer in layers})
-        for router in self.routers.values():
-            nn.init.zeros_(router.bias)
+        self.init_routing(layers)
 
     def forced(self, forcing: Forcing) -> CapacityDepthModel:
         return forced_copy(self, forcing)
 
-    def budget(self) -> int:
-        """``k``: tokens of each window of ``n_seq`` positions that may run a routed layer."""
-        keep = self.capacity if self.forcing is None else self.forcing.keep
-        return max(1, math.floor(keep * self.cfg.n_seq))
-
-    def decide(self, layer: int, x: torch.Tensor, window: int,
-               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Selection ``(B, N)`` bool for ``layer`` and the router scores (None when forced)."""
-        b, n, _ = x.shape
-        if self.forcing is None:
-            score = self.routers[str(layer)](x).squeeze(-1)
-            return score > 0, score
-        if self.forcing.pattern == "uniform":  # exactly the budget k, evenly strided
-            rate = self.budget() / self.cfg.n_seq
-            j = torch.arange(n, dtype=torch.float64, device=x.device) % self.cfg.n_seq
-            return ((j + 1) * rate).floor().gt((j * rate).floor()).expand(b, n), None
-        draws = torch.rand(b, n, generator=generator, dtype=torch.float64)
-        return draws.to(x.device) < self.forcing.keep, None
-
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         self.check_tokens(idx)
         b, n = idx.shape
-        window = min(n, self.cfg.n_seq)
-        pad = -n % window  # the last window of a sequence longer than n_seq, filled up
-        k = min(self.budget(), window)
         generator = self.forcing.generator() if self.forcing is not None else None
         x = self.embed(idx)
         layers = x.new_zeros(b, n)
@@ -197,21 +239,15 @@ class CapacityDepthModel(TechniqueModel):
                 layers = layers + 1
                 work = work + Work(token_layers=b * n, expert_calls=b * n, positions=b * n)
                 continue
-            select, score = self.decide(layer, x, window, generator)
-            subset = Subset.capacity(padded(select, pad).reshape(-1, window), k)
-            gate = None
-            if score is not None:
-                gate = straight_through(subset.gather(padded(score, pad).reshape(-1)))
-                if self.training:
-                    router_losses.append(F.binary_cross_entropy_with_logits(
-                        score, top_k_targets(score.detach(), window, k)))
-            out, layer_balance = run_block(block, padded(x, pad), subset,
-                                           fill="zero", readout="ran", scale=gate)
-            x = out[:, :n]
+            x, layer_balance, router_loss, subset = self.routed_block(
+                layer, block, x, self.cfg.n_seq, generator)
+            if router_loss is not None:
+                router_losses.append(router_loss)
             balance = balance + layer_balance
-            layers = layers + subset.mask().view(b, n + pad)[:, :n]
+            padded_n = subset.total // b
+            layers = layers + subset.mask().view(b, padded_n)[:, :n]
             work = work + Work(token_layers=subset.size, expert_calls=subset.size,
-                               positions=b * (n + pad))
+                               positions=b * padded_n)
         aux = {}
         if self.training:
             aux["balance"] = self.cfg.balance_weight * balance / len(self.blocks)
