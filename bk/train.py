@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from bk.atomic import write_file
@@ -39,11 +40,25 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0  # 0: evaluate on the validation split only at the end
     eval_batches: int = 20
+    distill: float = 0.0  # weight of the distillation term (needs a teacher; 0: none)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.grad_clip <= 0:
             raise ValueError(f"invalid TrainConfig: {self}; expected steps >= 0, batch_size >= 1, "
                              "lr > 0 and grad_clip > 0")
+        if not (self.distill >= 0 and math.isfinite(self.distill)):
+            raise ValueError(f"TrainConfig.distill must be a finite number >= 0, got "
+                             f"{self.distill!r}")
+
+
+def distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) of the next-token distributions, nats
+    (Hinton et al. 2015 at temperature 1): the student's cross-entropy against the teacher's
+    distribution minus the teacher's entropy, so it is 0 exactly when the two agree."""
+    teacher = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    kl = (teacher.exp() * (teacher - student)).sum(dim=-1)
+    return kl.mean()
 
 
 @dataclass(frozen=True)
@@ -98,12 +113,19 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 def train(model: nn.Module, corpus: Corpus, cfg: TrainConfig, *,
           checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
           desc: str = "train", meta: dict[str, Any] | None = None,
-          on_step: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
-    """Train ``model`` on ``corpus`` for ``cfg.steps`` steps; the objective is ``model(x, y).loss``.
+          on_step: Callable[[int, nn.Module], None] | None = None,
+          teacher: nn.Module | None = None) -> TrainResult:
+    """Train ``model`` on ``corpus`` for ``cfg.steps`` steps; the objective is ``model(x, y).loss``
+    plus, with ``cfg.distill > 0``, ``cfg.distill`` times the :func:`distillation` of the frozen
+    ``teacher``'s logits on the same batch.
 
     With ``resume`` and an existing ``checkpoint``, training continues from the saved step with
     the saved optimiser state. ``on_step(step, model)`` runs before each step (for schedules).
     """
+    if cfg.distill > 0 and teacher is None:
+        raise ValueError(f"TrainConfig.distill = {cfg.distill} needs a teacher model")
+    if teacher is not None:
+        teacher.eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if resume and checkpoint is not None and checkpoint.exists():
@@ -127,8 +149,13 @@ def train(model: nn.Module, corpus: Corpus, cfg: TrainConfig, *,
             group["lr"] = learning_rate(step, cfg)
         x, y = corpus.random_batch("train", cfg.batch_size, model.cfg.n_seq, generator)
         out = model(x, y)
+        loss = out.loss
+        if cfg.distill > 0:
+            with torch.no_grad():
+                teacher_logits = teacher(x).logits
+            loss = loss + cfg.distill * distillation(out.logits, teacher_logits)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         result.steps = step + 1
