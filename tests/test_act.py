@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,9 +16,8 @@ from bk.adaptive.act import ACTLanguageModel, halting
 from bk.adaptive.depth import forced_depths
 from bk.model import LanguageModel, ModelConfig
 from bk.technique import Forcing, KnobError
-
-CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=16, n_experts=2, d_expert=16,
-                  bk_channels=2)
+from tests.strategies import TINY as CFG
+from tests.strategies import float64_model, seeds, token_batches
 
 # ---------------------------------------------------------------------------------------------
 # halting(p, threshold)
@@ -164,9 +164,8 @@ def test_threshold_outside_zero_one_raises_a_clear_error(thr):
 def act_model(threshold: float = 0.9, cfg: ModelConfig = CFG, ponder_weight: float = 0.01,
               seed: int = 0) -> ACTLanguageModel:
     """A float64 model whose halting units vary per token, so tokens halt at different layers."""
-    torch.manual_seed(seed)
-    model = ACTLanguageModel(cfg, act_threshold=threshold, act_lambda=ponder_weight)
-    model = model.double().eval()
+    model = float64_model(seed, ACTLanguageModel, cfg, act_threshold=threshold,
+                          act_lambda=ponder_weight)
     with torch.no_grad():
         for unit in model.halting_units:
             unit.weight.normal_(0, 0.5)
@@ -201,16 +200,6 @@ def masked_dense_reference(model: ACTLanguageModel, idx: torch.Tensor):
     return model.head(model.norm(output)), n_steps, remainder, states, probs
 
 
-@st.composite
-def token_batches(draw: st.DrawFn, min_batch: int = 1) -> torch.Tensor:
-    # Length >= 2: bk.core.resolvent_diag currently fails on length-1 sequences (the dense
-    # model too); reported to its owner.
-    b = draw(st.integers(min_batch, 3))
-    n = draw(st.integers(2, 8))
-    values = draw(st.lists(st.integers(0, CFG.vocab_size - 1), min_size=b * n, max_size=b * n))
-    return torch.tensor(values, dtype=torch.int64).view(b, n)
-
-
 model_threshold = st.sampled_from([0.3, 0.5, 0.8, 0.9, 0.99, 1.0])
 
 
@@ -227,8 +216,7 @@ def test_gathered_model_equals_the_masked_dense_reference_in_float64(idx, thr):
 
 @given(token_batches(), model_threshold)
 def test_loss_is_cross_entropy_plus_lambda_times_mean_ponder_cost(idx, thr):
-    cfg = ModelConfig(**{**CFG.__dict__, "balance_weight": 0.0})
-    model = act_model(thr, cfg, ponder_weight=0.3)
+    model = act_model(thr, replace(CFG, balance_weight=0.0), ponder_weight=0.3)
     targets = idx.roll(1, dims=1)
     with torch.no_grad():
         out = model(idx, targets)
@@ -252,7 +240,7 @@ def test_a_sequence_result_does_not_depend_on_the_other_sequences_in_its_batch(i
                                alone.stats["layers_per_token"])
 
 
-@given(token_batches(), model_threshold, st.data())
+@given(token_batches(min_len=2), model_threshold, st.data())
 def test_perturbing_later_tokens_leaves_earlier_logits_unchanged(idx, thr, data):
     MODEL.act_threshold = thr
     cut = data.draw(st.integers(1, idx.shape[1] - 1))
@@ -489,7 +477,7 @@ def test_a_forced_model_does_not_decode():
         forced.step(torch.zeros(2, dtype=torch.int64), MODEL.init_state(2))
 
 
-@given(st.floats(0.01, 1.0), st.integers(1, 8), st.integers(0, 2**16))
+@given(st.floats(0.01, 1.0), st.integers(1, 8), seeds)
 def test_forced_depths_are_whole_layers_at_the_requested_mean_rate(keep, layers, seed):
     uniform = forced_depths(Forcing(keep), layers, 5)
     depth = int(uniform[0])
