@@ -17,7 +17,7 @@ from bk.adaptive.depth import forced_depths
 from bk.model import LanguageModel, ModelConfig
 from bk.technique import Forcing, KnobError
 from tests.strategies import TINY as CFG
-from tests.strategies import float64_model, seeds, token_batches
+from tests.strategies import float64_model, random_tokens, seeds, token_batches
 
 # ---------------------------------------------------------------------------------------------
 # halting(p, threshold)
@@ -304,7 +304,7 @@ def test_tokens_halting_at_the_first_layer_give_the_one_block_model_and_skip_lat
     with torch.no_grad():
         for unit in model.halting_units:
             unit.bias.fill_(50.0)  # p = 1 after every layer
-        idx = torch.randint(0, CFG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+        idx = random_tokens(1, 2, 7)
         out = model(idx)
         x, _ = model.blocks[0](model.embed(idx))
         expected = model.head(model.norm(x))
@@ -362,7 +362,7 @@ def test_ponder_cost_gradient_is_minus_one_through_each_p_before_n_in_float64(id
 
 def test_ponder_gradient_reaches_the_halting_units_and_matches_finite_differences():
     model = act_model(0.9, ponder_weight=0.5).train()
-    idx = torch.randint(0, CFG.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+    idx = random_tokens(3, 2, 6)
     names = [n for n, _ in model.named_parameters() if n.startswith("halting_units")]
     params = dict(model.named_parameters())
 
@@ -457,7 +457,7 @@ def test_a_forced_depth_equals_units_that_halt_every_token_at_that_depth(depth):
     # Halting probabilities ~0 before the depth and ~1 at it put the halting weight (to 1e-26)
     # on the state after that layer: what the forced model outputs.
     model = act_model(0.99)
-    idx = torch.randint(0, CFG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    idx = random_tokens(4, 2, 7)
     with torch.no_grad():
         for layer, unit in enumerate(model.halting_units):
             unit.weight.zero_()

@@ -11,7 +11,7 @@ from bk.data import Corpus, Vocabulary
 from bk.model import LanguageModel, ModelConfig
 from bk.moe import MoEFeedForward
 from bk.train import TrainConfig, evaluate, load_checkpoint, load_model, save_checkpoint, train
-from tests.strategies import TINY, float64_model, seeds, tiny_model
+from tests.strategies import TINY, float64_model, random_tokens, seeds, tiny_model
 
 
 @given(length=st.integers(2, 16), cut=st.integers(1, 15), seed=seeds)
@@ -45,7 +45,7 @@ def test_step_by_step_decoding_equals_the_full_forward_pass(length, seed):
 
 def test_a_sequence_result_does_not_depend_on_the_rest_of_its_batch():
     model = tiny_model(0)
-    x = torch.randint(0, TINY.vocab_size, (4, 16), generator=torch.Generator().manual_seed(3))
+    x = random_tokens(3, 4, 16)
     with torch.no_grad():
         together = model(x).logits
         alone = torch.cat([model(x[i:i + 1]).logits for i in range(4)])
@@ -62,7 +62,7 @@ def test_work_counts_every_token_layer_of_the_dense_model():
 
 def test_the_router_and_every_block_parameter_receive_gradient():
     model = float64_model(0).train()
-    x = torch.randint(0, TINY.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    x = random_tokens(0, 4, 16)
     model(x, x).loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -2,6 +2,7 @@
 
 import inspect
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from bk.adaptive.sparsity import (
     slots,
     strided,
 )
-from bk.model import BKBlock, DecodeState, LanguageModel, ModelConfig
+from bk.model import BKBlock, DecodeState, LanguageModel
 from bk.skip import carry_previous
 from bk.technique import Forcing, KnobError
 from tests.strategies import TINY as CFG
@@ -273,8 +274,7 @@ def test_evaluation_is_deterministic(length, seed):
 
 @pytest.mark.parametrize("capacity", [None, 1.0])
 def test_a_model_that_computes_everywhere_is_the_dense_model(capacity):
-    torch.manual_seed(0)
-    dense = LanguageModel(CFG).double().eval()
+    dense = float64_model(0)
     model = SparseLanguageModel(CFG, capacity=capacity).double().eval()
     model.load_state_dict(dense.state_dict(), strict=False)  # predictors: logit 3, compute
     idx = random_tokens(0, 3, 16)
@@ -305,9 +305,8 @@ def test_the_training_mask_is_hard_with_a_straight_through_gradient():
 
 @pytest.mark.parametrize("capacity", [None, 0.5])
 def test_the_task_loss_gradient_reaches_every_predictor(capacity):
-    cfg = ModelConfig(**{**CFG.__dict__, "balance_weight": 0.0})
-    torch.manual_seed(0)
-    model = SparseLanguageModel(cfg, sparsity_weight=0.0, capacity=capacity).double().train()
+    model = float64_model(0, SparseLanguageModel, replace(CFG, balance_weight=0.0),
+                          sparsity_weight=0.0, capacity=capacity).train()
     with torch.no_grad():
         for predictor in model.importance:
             predictor.bias.zero_()  # about half the positions compute
@@ -318,8 +317,7 @@ def test_the_task_loss_gradient_reaches_every_predictor(capacity):
 
 
 def test_the_sparsity_loss_pulls_the_skip_rate_towards_the_target():
-    torch.manual_seed(0)
-    model = SparseLanguageModel(CFG, target_sparsity=0.75).double().train()  # skips ~5%
+    model = float64_model(0, SparseLanguageModel, target_sparsity=0.75).train()  # skips ~5%
     idx = random_tokens(0, 4, 16)
     out = model(idx, idx)
     assert set(out.aux) == {"balance", "sparsity"}
