@@ -1,8 +1,11 @@
 """What the tests share: Hypothesis strategies, the tiny float64 models, and a fake clock.
 
 The tiny configuration (``TINY``, three layers; ``TINY_4_LAYERS``) is the one every model test
-uses; ``tiny_model`` is the cached float64 dense model the decoding and search tests share, and
+uses; a test that needs another shape says so with ``dataclasses.replace(TINY, ...)``.
+``tiny_model`` is the cached float64 dense model the decoding and search tests share, and
 ``float64_model`` builds any model class from a seed for tests that change or train it.
+``token_batches`` draws every token id (so Hypothesis shrinks them); ``random_tokens`` makes a
+batch from a drawn seed, for tests that need many long or paired batches.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ def token_batches(draw: st.DrawFn, max_batch: int = 3, max_len: int = 8,
     n = draw(st.integers(min_len, max_len))
     ids = draw(st.lists(st.integers(0, vocab - 1), min_size=b * n, max_size=b * n))
     return torch.tensor(ids, dtype=torch.int64).view(b, n)
+
+
+def random_tokens(seed: int, batch: int, length: int,
+                  vocab: int = TINY.vocab_size) -> torch.Tensor:
+    """An int64 ``(batch, length)`` batch of token ids in ``[0, vocab)`` from a seeded generator."""
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def token_sequences(max_len: int = 6, vocab: int = TINY.vocab_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,9 +16,8 @@ from bk.adaptive.act import ACTLanguageModel, halting
 from bk.adaptive.depth import forced_depths
 from bk.model import LanguageModel, ModelConfig
 from bk.technique import Forcing, KnobError
-
-CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=16, n_experts=2, d_expert=16,
-                  bk_channels=2)
+from tests.strategies import TINY as CFG
+from tests.strategies import float64_model, random_tokens, seeds, token_batches
 
 # ---------------------------------------------------------------------------------------------
 # halting(p, threshold)
@@ -164,9 +164,8 @@ def test_threshold_outside_zero_one_raises_a_clear_error(thr):
 def act_model(threshold: float = 0.9, cfg: ModelConfig = CFG, ponder_weight: float = 0.01,
               seed: int = 0) -> ACTLanguageModel:
     """A float64 model whose halting units vary per token, so tokens halt at different layers."""
-    torch.manual_seed(seed)
-    model = ACTLanguageModel(cfg, act_threshold=threshold, act_lambda=ponder_weight)
-    model = model.double().eval()
+    model = float64_model(seed, ACTLanguageModel, cfg, act_threshold=threshold,
+                          act_lambda=ponder_weight)
     with torch.no_grad():
         for unit in model.halting_units:
             unit.weight.normal_(0, 0.5)
@@ -201,16 +200,6 @@ def masked_dense_reference(model: ACTLanguageModel, idx: torch.Tensor):
     return model.head(model.norm(output)), n_steps, remainder, states, probs
 
 
-@st.composite
-def token_batches(draw: st.DrawFn, min_batch: int = 1) -> torch.Tensor:
-    # Length >= 2: bk.core.resolvent_diag currently fails on length-1 sequences (the dense
-    # model too); reported to its owner.
-    b = draw(st.integers(min_batch, 3))
-    n = draw(st.integers(2, 8))
-    values = draw(st.lists(st.integers(0, CFG.vocab_size - 1), min_size=b * n, max_size=b * n))
-    return torch.tensor(values, dtype=torch.int64).view(b, n)
-
-
 model_threshold = st.sampled_from([0.3, 0.5, 0.8, 0.9, 0.99, 1.0])
 
 
@@ -227,8 +216,7 @@ def test_gathered_model_equals_the_masked_dense_reference_in_float64(idx, thr):
 
 @given(token_batches(), model_threshold)
 def test_loss_is_cross_entropy_plus_lambda_times_mean_ponder_cost(idx, thr):
-    cfg = ModelConfig(**{**CFG.__dict__, "balance_weight": 0.0})
-    model = act_model(thr, cfg, ponder_weight=0.3)
+    model = act_model(thr, replace(CFG, balance_weight=0.0), ponder_weight=0.3)
     targets = idx.roll(1, dims=1)
     with torch.no_grad():
         out = model(idx, targets)
@@ -252,7 +240,7 @@ def test_a_sequence_result_does_not_depend_on_the_other_sequences_in_its_batch(i
                                alone.stats["layers_per_token"])
 
 
-@given(token_batches(), model_threshold, st.data())
+@given(token_batches(min_len=2), model_threshold, st.data())
 def test_perturbing_later_tokens_leaves_earlier_logits_unchanged(idx, thr, data):
     MODEL.act_threshold = thr
     cut = data.draw(st.integers(1, idx.shape[1] - 1))
@@ -316,7 +304,7 @@ def test_tokens_halting_at_the_first_layer_give_the_one_block_model_and_skip_lat
     with torch.no_grad():
         for unit in model.halting_units:
             unit.bias.fill_(50.0)  # p = 1 after every layer
-        idx = torch.randint(0, CFG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+        idx = random_tokens(1, 2, 7)
         out = model(idx)
         x, _ = model.blocks[0](model.embed(idx))
         expected = model.head(model.norm(x))
@@ -374,7 +362,7 @@ def test_ponder_cost_gradient_is_minus_one_through_each_p_before_n_in_float64(id
 
 def test_ponder_gradient_reaches_the_halting_units_and_matches_finite_differences():
     model = act_model(0.9, ponder_weight=0.5).train()
-    idx = torch.randint(0, CFG.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+    idx = random_tokens(3, 2, 6)
     names = [n for n, _ in model.named_parameters() if n.startswith("halting_units")]
     params = dict(model.named_parameters())
 
@@ -469,7 +457,7 @@ def test_a_forced_depth_equals_units_that_halt_every_token_at_that_depth(depth):
     # Halting probabilities ~0 before the depth and ~1 at it put the halting weight (to 1e-26)
     # on the state after that layer: what the forced model outputs.
     model = act_model(0.99)
-    idx = torch.randint(0, CFG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    idx = random_tokens(4, 2, 7)
     with torch.no_grad():
         for layer, unit in enumerate(model.halting_units):
             unit.weight.zero_()
@@ -489,7 +477,7 @@ def test_a_forced_model_does_not_decode():
         forced.step(torch.zeros(2, dtype=torch.int64), MODEL.init_state(2))
 
 
-@given(st.floats(0.01, 1.0), st.integers(1, 8), st.integers(0, 2**16))
+@given(st.floats(0.01, 1.0), st.integers(1, 8), seeds)
 def test_forced_depths_are_whole_layers_at_the_requested_mean_rate(keep, layers, seed):
     uniform = forced_depths(Forcing(keep), layers, 5)
     depth = int(uniform[0])

@@ -10,16 +10,14 @@ from hypothesis import strategies as st
 from bk.adaptive.combined import CombinedLanguageModel
 from bk.adaptive.multiscale import MultiScaleLanguageModel
 from bk.adaptive.sparsity import slots
-from bk.model import LanguageModel, ModelConfig
+from bk.model import LanguageModel
 from bk.technique import Forcing, KnobError
-
-CONFIG = ModelConfig(vocab_size=17, d_model=16, n_layers=4, n_seq=16, n_experts=2, d_expert=16,
-                     bk_channels=2)
+from tests.strategies import TINY_4_LAYERS as CONFIG
+from tests.strategies import float64_model, random_tokens, seeds
 
 
 def models(**knobs):
-    torch.manual_seed(0)
-    combined = CombinedLanguageModel(CONFIG, **knobs).double().eval()
+    combined = float64_model(0, CombinedLanguageModel, CONFIG, **knobs)
     multiscale = MultiScaleLanguageModel(CONFIG, factor=combined.factor,
                                          levels=combined.levels).double().eval()
     multiscale.load_state_dict(combined.state_dict(), strict=False)
@@ -34,18 +32,13 @@ def randomise_predictors(combined: CombinedLanguageModel, seed: int) -> None:
             predictor.bias.zero_()
 
 
-def tokens(b=3, n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, CONFIG.vocab_size, (b, n), generator=g)
-
-
 def level_lengths(combined: CombinedLanguageModel, n: int) -> list[int]:
     return [n // combined.factor ** level for level in combined.block_level]
 
 
 def test_with_every_position_computing_it_equals_the_multiscale_model():
     combined, multiscale = models()
-    x = tokens()
+    x = random_tokens(0, 3, 16)
     with torch.no_grad():
         a, b = combined(x), multiscale(x)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-12, atol=1e-12)
@@ -56,18 +49,18 @@ def test_with_factor_one_and_every_position_computing_it_equals_the_dense_model(
     combined, _ = models(factor=1)
     dense = LanguageModel(CONFIG).double().eval()
     dense.load_state_dict(combined.state_dict(), strict=False)
-    x = tokens()
+    x = random_tokens(0, 3, 16)
     with torch.no_grad():
         torch.testing.assert_close(combined(x).logits, dense(x).logits, rtol=1e-12, atol=1e-12)
 
 
 @given(n=st.integers(2, 16), cut=st.integers(1, 15), capacity=st.sampled_from([None, 0.25]),
-       seed=st.integers(0, 1000))
+       seed=seeds)
 def test_a_position_never_sees_a_later_token(n, cut, capacity, seed):
     cut = min(cut, n - 1)
     combined, _ = models(capacity=capacity)
     randomise_predictors(combined, seed)
-    x = tokens(2, n, seed)
+    x = random_tokens(seed, 2, n)
     y = x.clone()
     y[:, cut:] = (y[:, cut:] + 1) % CONFIG.vocab_size
     with torch.no_grad():
@@ -80,8 +73,8 @@ def test_skipped_positions_are_not_counted_as_work_and_outputs_stay_finite():
     with torch.no_grad():
         for predictor in combined.importance:
             predictor.bias.fill_(-5.0)  # every position skips
-        out = combined(tokens())
-    assert out.work.token_layers == 0 < multiscale(tokens()).work.token_layers
+        out = combined(random_tokens(0, 3, 16))
+    assert out.work.token_layers == 0 < multiscale(random_tokens(0, 3, 16)).work.token_layers
     assert torch.isfinite(out.logits).all()
 
 
@@ -89,7 +82,7 @@ def test_training_gradient_reaches_every_importance_predictor():
     combined, _ = models(target_sparsity=0.5)
     combined.train()
     combined.schedule(1.0)
-    x = tokens()
+    x = random_tokens(0, 3, 16)
     out = combined(x, x)
     assert set(out.aux) == {"balance", "sparsity"}
     out.loss.backward()
@@ -107,7 +100,7 @@ def test_a_capacity_runs_a_static_number_of_positions_in_every_block(capacity):
         lambda m, args: rows.append(args[0].shape[0])) for block in combined.blocks]
     try:
         with torch.no_grad():
-            out = combined(tokens(3, 13))
+            out = combined(random_tokens(0, 3, 13))
     finally:
         for h in hooks:
             h.remove()
@@ -129,19 +122,19 @@ def test_forced_keeps_the_pooling_and_runs_strided_positions_without_predictors(
     hooks = [p.register_forward_pre_hook(fail) for p in combined.importance]
     try:
         with torch.no_grad():
-            out = forced(tokens(3, 16))
+            out = forced(random_tokens(0, 3, 16))
     finally:
         for h in hooks:
             h.remove()
     assert out.work.token_layers == sum(3 * slots(keep, n) for n in level_lengths(combined, 16))
     if keep == 1:  # every position runs: the hourglass itself
-        torch.testing.assert_close(out.logits, multiscale(tokens(3, 16)).logits,
+        torch.testing.assert_close(out.logits, multiscale(random_tokens(0, 3, 16)).logits,
                                    rtol=1e-12, atol=1e-12)
 
 
 def test_forced_per_token_draws_every_block_independently_at_the_requested_rate():
     combined, multiscale = models()
-    idx = tokens(16, 16)
+    idx = random_tokens(0, 16, 16)
     forcing = Forcing(0.3, "per_token", seed=7)
     with torch.no_grad():
         out = combined.forced(forcing)(idx)
@@ -178,4 +171,4 @@ def test_incremental_decoding_is_refused_with_its_reason():
     with pytest.raises(NotImplementedError, match="carried potential"):
         combined.init_state(1)
     with pytest.raises(NotImplementedError, match="use forward"):
-        combined.step(tokens(1, 1)[:, 0], None)
+        combined.step(random_tokens(0, 1, 1)[:, 0], None)

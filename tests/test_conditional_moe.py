@@ -9,11 +9,10 @@ from hypothesis import strategies as st
 
 from bench.registry import get
 from bk.adaptive.conditional_moe import ConditionalMoE, ConditionalMoELanguageModel
-from bk.model import LanguageModel, ModelConfig
+from bk.model import LanguageModel
 from bk.technique import Forcing, KnobError
+from tests.strategies import TINY, seeds
 
-TINY = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=16, n_experts=2, d_expert=16,
-                   bk_channels=2)
 D_MODEL, D_HIDDEN = 8, 8
 
 
@@ -26,7 +25,7 @@ def moe_cases(draw, *, k_equal_experts: bool = False):
         k_max = draw(st.integers(1, n_experts))
         k_min = draw(st.integers(0, k_max))
     tokens = draw(st.integers(1, 12))
-    seed = draw(st.integers(0, 2**16))
+    seed = draw(seeds)
     training = draw(st.booleans())
     torch.manual_seed(seed)
     moe = ConditionalMoE(D_MODEL, D_HIDDEN, n_experts, k_min=k_min, k_max=k_max)
@@ -184,7 +183,7 @@ def test_dense_weights_load_under_the_same_names_and_only_the_predictor_is_new()
         assert torch.equal(model.state_dict()[name], tensor)
 
 
-@given(st.integers(0, 2**16), st.booleans())
+@given(seeds, st.booleans())
 def test_reported_expert_calls_equal_the_experts_the_tokens_used(seed, training):
     torch.manual_seed(seed)
     model = ConditionalMoELanguageModel(TINY, k_min=1, k_max=2, k_cost=0.01)
@@ -314,7 +313,7 @@ def random_predictors(model: ConditionalMoELanguageModel, std: float = 2.0
     return model
 
 
-@given(st.integers(0, 2**16), st.sampled_from([(0, 2), (1, 2), (1, 1)]),
+@given(seeds, st.sampled_from([(0, 2), (1, 2), (1, 1)]),
        st.sampled_from([0.0, 0.05]))
 def test_the_models_auxiliary_terms_and_their_gradients_equal_the_float64_reference(
         seed, bounds, k_cost):
@@ -367,7 +366,7 @@ def test_in_eval_mode_the_objective_has_no_auxiliary_terms():
 # -- decoding ---------------------------------------------------------------------------------
 
 
-@given(st.integers(0, 2**16), st.integers(1, 3), st.integers(1, TINY.n_seq),
+@given(seeds, st.integers(1, 3), st.integers(1, TINY.n_seq),
        st.sampled_from([(0, 2), (1, 2)]))
 def test_decoding_one_position_at_a_time_equals_the_forward_pass(seed, b, n, bounds):
     torch.manual_seed(seed)
@@ -439,7 +438,7 @@ def test_a_per_token_forced_model_draws_k_per_token_at_the_requested_mean():
 
 
 @settings(max_examples=5)
-@given(st.integers(0, 2**16))
+@given(seeds)
 def test_forcing_the_learned_decision_reproduces_the_model(seed):
     # A predictor that always picks k_max, forced at keep = 1 (k = k_max): the same model.
     torch.manual_seed(seed)

@@ -6,11 +6,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.registry import REFERENCE, techniques
-from bk.model import LanguageModel, ModelConfig
+from bk.model import LanguageModel
 from bk.technique import Forcing, KnobError, TechniqueModel
+from tests.strategies import TINY_4_LAYERS as CFG
+from tests.strategies import random_tokens, seeds
 
-CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=4, n_seq=16, n_experts=2, d_expert=16,
-                  bk_channels=2)
 NAMES = [name for name in techniques() if name != REFERENCE]
 F64 = torch.float64
 
@@ -24,10 +24,6 @@ def perturbed(name: str, seed: int = 0) -> TechniqueModel:
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model.eval()
-
-
-def tokens(seed: int, b: int, n: int) -> torch.Tensor:
-    return torch.randint(CFG.vocab_size, (b, n), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -58,7 +54,7 @@ def test_an_integer_knob_rejects_a_fraction_and_every_knob_names_itself(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_the_loss_is_the_cross_entropy_plus_the_named_auxiliary_terms(name):
     model = perturbed(name)
-    x = tokens(1, 2, CFG.n_seq)
+    x = random_tokens(1, 2, CFG.n_seq)
     for training in (True, False):
         model.train(training)
         torch.manual_seed(0)
@@ -71,22 +67,22 @@ def test_the_loss_is_the_cross_entropy_plus_the_named_auxiliary_terms(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@given(seed=st.integers(0, 2**16), i=st.integers(0, CFG.n_seq - 2))
+@given(seed=seeds, i=st.integers(0, CFG.n_seq - 2))
 def test_logits_at_a_position_never_depend_on_later_tokens(name, seed, i):
     model = perturbed(name)
-    x = tokens(seed, 2, CFG.n_seq)
+    x = random_tokens(seed, 2, CFG.n_seq)
     changed = x.clone()
-    changed[:, i + 1:] = tokens(seed + 1, 2, CFG.n_seq - i - 1)
+    changed[:, i + 1:] = random_tokens(seed + 1, 2, CFG.n_seq - i - 1)
     with torch.no_grad():
         a, b = model(x).logits[:, :i + 1], model(changed).logits[:, :i + 1]
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", NAMES)
-@given(seed=st.integers(0, 2**16), b=st.integers(1, 3), n=st.integers(1, 10))
+@given(seed=seeds, b=st.integers(1, 3), n=st.integers(1, 10))
 def test_decoding_equals_the_forward_pass_or_says_why_it_cannot(name, seed, b, n):
     model = perturbed(name, seed % 7)
-    x = tokens(seed, b, n)
+    x = random_tokens(seed, b, n)
     if not model.DECODES:
         with pytest.raises(NotImplementedError, match=model.NO_DECODE_REASON[:20]):
             model.init_state(b)
@@ -104,7 +100,7 @@ def test_decoding_equals_the_forward_pass_or_says_why_it_cannot(name, seed, b, n
 def test_a_forced_model_shares_the_weights_leaves_the_model_alone_and_skips_more_at_lower_keep(
         name, pattern):
     model = perturbed(name)
-    x = tokens(3, 4, CFG.n_seq)
+    x = random_tokens(3, 4, CFG.n_seq)
     with torch.no_grad():
         before = model(x).logits
         full, half = model.forced(Forcing(1.0, pattern)), model.forced(Forcing(0.5, pattern))

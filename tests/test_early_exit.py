@@ -11,29 +11,22 @@ from bench.registry import get
 from bk.adaptive.depth import forced_depths
 from bk.adaptive.early_exit import EarlyExitLanguageModel
 from bk.core import resolvent_diag_loop
-from bk.model import H0_DIAGONAL, LanguageModel, ModelConfig
+from bk.model import H0_DIAGONAL, LanguageModel
 from bk.technique import Forcing, KnobError
+from tests.strategies import TINY as CFG
+from tests.strategies import random_tokens, seeds, token_batches
 
-CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=16, n_experts=2, d_expert=16,
-                  bk_channels=2)
 LAYERS = CFG.n_layers
 
-seeds = st.integers(0, 2**16)
+batches = token_batches(max_len=CFG.n_seq)
 thresholds = st.floats(0.0, 1.0)
 min_layers = st.integers(1, LAYERS)
 
 
-@st.composite
-def token_batches(draw, max_batch=3, max_len=CFG.n_seq):
-    b = draw(st.integers(1, max_batch))
-    n = draw(st.integers(1, max_len))
-    values = draw(st.lists(st.integers(0, CFG.vocab_size - 1), min_size=b * n, max_size=b * n))
-    return torch.tensor(values, dtype=torch.int64).view(b, n)
-
-
-def tiny_model(seed: int, threshold: float = 0.9, min_exit_layer: int = 1,
-               dtype: torch.dtype = torch.float64) -> EarlyExitLanguageModel:
-    """A random model whose predictions are sharp enough that thresholds in [0, 1] all matter."""
+def exit_model(seed: int, threshold: float = 0.9,
+               min_exit_layer: int = 1) -> EarlyExitLanguageModel:
+    """A random float64 model whose predictions are sharp enough that thresholds in [0, 1] all
+    matter. (Its exit norms are drawn in float32, then cast: the pinned seeds below rely on it.)"""
     torch.manual_seed(seed)
     model = EarlyExitLanguageModel(CFG, exit_threshold=threshold, min_exit_layer=min_exit_layer)
     with torch.no_grad():
@@ -41,7 +34,7 @@ def tiny_model(seed: int, threshold: float = 0.9, min_exit_layer: int = 1,
         for norm in model.exit_norms:
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.normal_(0.0, 0.1)
-    return model.to(dtype).eval()
+    return model.double().eval()
 
 
 @torch.no_grad()
@@ -72,9 +65,9 @@ def masked_reference(model: EarlyExitLanguageModel, idx: torch.Tensor):
     return logits, exit_layer
 
 
-@given(seeds, token_batches(), min_layers)
+@given(seeds, batches, min_layers)
 def test_threshold_above_one_reproduces_the_full_model(seed, idx, min_exit_layer):
-    model = tiny_model(seed, threshold=1.01, min_exit_layer=min_exit_layer)
+    model = exit_model(seed, threshold=1.01, min_exit_layer=min_exit_layer)
     dense = LanguageModel(CFG).double().eval()
     dense.load_state_dict(model.state_dict(), strict=False)
     with torch.no_grad():
@@ -85,28 +78,28 @@ def test_threshold_above_one_reproduces_the_full_model(seed, idx, min_exit_layer
     assert bool((out.stats["exit_layer"] == LAYERS).all())
 
 
-@given(seeds, token_batches(), min_layers)
+@given(seeds, batches, min_layers)
 def test_threshold_zero_exits_every_token_at_min_exit_layer(seed, idx, min_exit_layer):
-    model = tiny_model(seed, threshold=0.0, min_exit_layer=min_exit_layer)
+    model = exit_model(seed, threshold=0.0, min_exit_layer=min_exit_layer)
     with torch.no_grad():
         out = model(idx)
     assert bool((out.stats["exit_layer"] == min_exit_layer).all())
     assert out.work.token_layers == idx.numel() * min_exit_layer
 
 
-@given(seeds, token_batches(), thresholds, min_layers)
+@given(seeds, batches, thresholds, min_layers)
 def test_exit_layer_lies_between_min_exit_layer_and_the_last_layer(seed, idx, threshold,
                                                                     min_exit_layer):
     with torch.no_grad():
-        exit_layer = tiny_model(seed, threshold, min_exit_layer)(idx).stats["exit_layer"]
+        exit_layer = exit_model(seed, threshold, min_exit_layer)(idx).stats["exit_layer"]
     assert exit_layer.shape == idx.shape
     assert bool((exit_layer >= min_exit_layer).all()) and bool((exit_layer <= LAYERS).all())
 
 
-@given(seeds, token_batches(), thresholds, min_layers)
+@given(seeds, batches, thresholds, min_layers)
 def test_skipping_equals_the_masked_dense_reference_in_float64(seed, idx, threshold,
                                                               min_exit_layer):
-    model = tiny_model(seed, threshold, min_exit_layer)
+    model = exit_model(seed, threshold, min_exit_layer)
     with torch.no_grad():
         out = model(idx)
     logits, exit_layer = masked_reference(model, idx)
@@ -114,11 +107,11 @@ def test_skipping_equals_the_masked_dense_reference_in_float64(seed, idx, thresh
     torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
 
 
-@given(seeds, token_batches(), thresholds, min_layers)
+@given(seeds, batches, thresholds, min_layers)
 def test_work_counts_exactly_the_token_layers_and_positions_that_ran(seed, idx, threshold,
                                                                      min_exit_layer):
     with torch.no_grad():
-        out = tiny_model(seed, threshold, min_exit_layer)(idx)
+        out = exit_model(seed, threshold, min_exit_layer)(idx)
     exit_layer = out.stats["exit_layer"].long()
     assert out.work.token_layers == int(exit_layer.sum())
     assert out.work.expert_calls == out.work.token_layers
@@ -126,10 +119,10 @@ def test_work_counts_exactly_the_token_layers_and_positions_that_ran(seed, idx, 
     assert out.work.positions == idx.numel() * int(exit_layer.max())
 
 
-@given(seeds, token_batches(max_batch=4), thresholds, min_layers)
+@given(seeds, token_batches(max_batch=4, max_len=CFG.n_seq), thresholds, min_layers)
 def test_a_sequence_result_does_not_depend_on_the_others_in_its_batch(seed, idx, threshold,
                                                                       min_exit_layer):
-    model = tiny_model(seed, threshold, min_exit_layer)
+    model = exit_model(seed, threshold, min_exit_layer)
     with torch.no_grad():
         batch = model(idx)
         for row in range(idx.shape[0]):
@@ -139,10 +132,10 @@ def test_a_sequence_result_does_not_depend_on_the_others_in_its_batch(seed, idx,
                                        atol=1e-12)
 
 
-@given(seeds, token_batches(), thresholds, min_layers, st.data())
+@given(seeds, batches, thresholds, min_layers, st.data())
 def test_logits_and_exits_at_a_position_do_not_depend_on_later_tokens(seed, idx, threshold,
                                                                       min_exit_layer, data):
-    model = tiny_model(seed, threshold, min_exit_layer)
+    model = exit_model(seed, threshold, min_exit_layer)
     cut = data.draw(st.integers(1, idx.shape[1]))
     changed = idx.clone()
     changed[:, cut:] = (changed[:, cut:] + 1) % CFG.vocab_size
@@ -152,13 +145,13 @@ def test_logits_and_exits_at_a_position_do_not_depend_on_later_tokens(seed, idx,
     torch.testing.assert_close(a.logits[:, :cut], b.logits[:, :cut], rtol=1e-12, atol=1e-12)
 
 
-@given(seeds, token_batches(), thresholds, thresholds, min_layers)
+@given(seeds, batches, thresholds, thresholds, min_layers)
 def test_the_first_position_never_exits_later_when_the_threshold_loosens(seed, idx, t1, t2,
                                                                          min_exit_layer):
     # Position 0 has no causal prefix, so its hidden states do not depend on other tokens'
     # exits and its exit layer is monotone in the threshold.
     low, high = sorted((t1, t2))
-    model = tiny_model(seed, high, min_exit_layer)
+    model = exit_model(seed, high, min_exit_layer)
     with torch.no_grad():
         strict = model(idx).stats["exit_layer"][:, 0]
         model.exit_threshold = low
@@ -166,13 +159,13 @@ def test_the_first_position_never_exits_later_when_the_threshold_loosens(seed, i
     assert bool((loose <= strict).all())
 
 
-@given(seeds, token_batches(), thresholds, thresholds, min_layers)
+@given(seeds, batches, thresholds, thresholds, min_layers)
 def test_without_sequence_mixing_no_token_exits_later_when_the_threshold_loosens(
         seed, idx, t1, t2, min_exit_layer):
     # With the BK readout switched off, tokens do not interact, so the exit layer is monotone
     # per token (and hence on average). With mixing it is not in general: see the module doc.
     low, high = sorted((t1, t2))
-    model = tiny_model(seed, high, min_exit_layer)
+    model = exit_model(seed, high, min_exit_layer)
     with torch.no_grad():
         for block in model.blocks:
             block.readout.weight.zero_()
@@ -187,8 +180,8 @@ def test_with_sequence_mixing_a_token_can_exit_later_when_the_threshold_loosens(
     # The counterexample behind the module doc: lowering the threshold from 0.55 to 0.5 lets
     # position 0 exit after layer 1 instead of 2, its potential in layer 2 becomes 0, and the
     # changed recurrence makes position 1 less confident, so it exits later.
-    model = tiny_model(68, 0.55)
-    idx = torch.randint(0, CFG.vocab_size, (1, 16), generator=torch.Generator().manual_seed(68))
+    model = exit_model(68, 0.55)
+    idx = random_tokens(68, 1, 16)
     with torch.no_grad():
         for block in model.blocks:
             block.readout.weight.mul_(5.0)
@@ -203,12 +196,12 @@ def test_with_sequence_mixing_a_token_can_exit_later_when_the_threshold_loosens(
 # Seed 2 at threshold 0.7 on these tokens: at every position the rows of the batch exit at
 # different layers (checked below), the case where only some rows' state must be frozen.
 MIXED_SEED, MIXED_THRESHOLD = 2, 0.7
-MIXED = torch.randint(0, CFG.vocab_size, (3, 6), generator=torch.Generator().manual_seed(2))
+MIXED = random_tokens(2, 3, 6)
 
 
 def test_the_fixed_example_exits_rows_of_every_position_at_different_layers():
     with torch.no_grad():
-        exit_layer = tiny_model(MIXED_SEED, MIXED_THRESHOLD)(MIXED).stats["exit_layer"]
+        exit_layer = exit_model(MIXED_SEED, MIXED_THRESHOLD)(MIXED).stats["exit_layer"]
     for position in range(MIXED.shape[1]):
         assert len(set(exit_layer[:, position].tolist())) >= 2, position
     assert set(exit_layer.flatten().tolist()) == {1.0, 2.0, 3.0}
@@ -217,7 +210,7 @@ def test_the_fixed_example_exits_rows_of_every_position_at_different_layers():
 @given(seeds, token_batches(max_len=8), thresholds, min_layers)
 @example(MIXED_SEED, MIXED, MIXED_THRESHOLD, 1)
 def test_step_by_step_decoding_matches_the_forward_pass(seed, idx, threshold, min_exit_layer):
-    model = tiny_model(seed, threshold, min_exit_layer)
+    model = exit_model(seed, threshold, min_exit_layer)
     with torch.no_grad():
         full = model(idx).logits
         state = model.init_state(idx.shape[0])
@@ -228,9 +221,8 @@ def test_step_by_step_decoding_matches_the_forward_pass(seed, idx, threshold, mi
 
 @given(seeds, min_layers)
 def test_the_training_loss_reaches_every_exit_head_that_may_be_used(seed, min_exit_layer):
-    model = tiny_model(seed, threshold=1.01, min_exit_layer=min_exit_layer).train()
-    idx = torch.randint(0, CFG.vocab_size, (2, CFG.n_seq),
-                        generator=torch.Generator().manual_seed(seed))
+    model = exit_model(seed, threshold=1.01, min_exit_layer=min_exit_layer).train()
+    idx = random_tokens(seed, 2, CFG.n_seq)
     model(idx, idx).loss.backward()
     for layer, norm in enumerate(model.exit_norms, start=1):
         reached = norm.weight.grad is not None and bool(norm.weight.grad.abs().sum() > 0)
@@ -238,9 +230,8 @@ def test_the_training_loss_reaches_every_exit_head_that_may_be_used(seed, min_ex
 
 
 def test_training_and_inference_compute_the_same_outputs():
-    model = tiny_model(7, threshold=0.6)
-    idx = torch.randint(0, CFG.vocab_size, (3, CFG.n_seq),
-                        generator=torch.Generator().manual_seed(1))
+    model = exit_model(7, threshold=0.6)
+    idx = random_tokens(1, 3, CFG.n_seq)
     with torch.no_grad():
         inference = model(idx, idx)
         model.train()
@@ -275,7 +266,7 @@ def test_bad_knobs_are_rejected_with_an_error_naming_the_knob(settings, message)
 
 
 def test_a_threshold_set_to_nan_after_construction_is_rejected_at_forward():
-    model = tiny_model(0)
+    model = exit_model(0)
     model.exit_threshold = float("nan")
     with pytest.raises(KnobError, match="exit_threshold"):
         model(torch.zeros(1, 4, dtype=torch.int64))
@@ -305,11 +296,11 @@ def counting_hooks(modules, rows):
         for i, m in enumerate(modules)]
 
 
-@given(seeds, token_batches(), st.floats(0.05, 1.0), st.sampled_from(["uniform", "per_token"]),
+@given(seeds, batches, st.floats(0.05, 1.0), st.sampled_from(["uniform", "per_token"]),
        min_layers)
 def test_a_forced_model_exits_at_the_given_depths_computing_no_confidence(
         seed, idx, keep, pattern, min_exit_layer):
-    model = tiny_model(seed, 0.5, min_exit_layer)
+    model = exit_model(seed, 0.5, min_exit_layer)
     forcing = Forcing(keep, pattern, seed)
     rows: dict[int, int] = {}
     handles = counting_hooks(model.exit_norms, rows)
@@ -332,7 +323,7 @@ def test_a_forced_model_exits_at_the_given_depths_computing_no_confidence(
 @pytest.mark.parametrize("depth", range(1, LAYERS + 1))
 def test_a_forced_depth_equals_the_learned_exits_when_every_token_exits_there(depth):
     # Threshold 0 with min_exit_layer = depth exits every token after layer `depth`.
-    model = tiny_model(3, threshold=0.0, min_exit_layer=depth)
+    model = exit_model(3, threshold=0.0, min_exit_layer=depth)
     with torch.no_grad():
         learned = model(MIXED)
         forced = model.forced(Forcing(depth / LAYERS))(MIXED)
@@ -342,6 +333,6 @@ def test_a_forced_depth_equals_the_learned_exits_when_every_token_exits_there(de
 
 
 def test_a_forced_model_does_not_decode():
-    forced = tiny_model(0).forced(Forcing(0.5, "per_token"))
+    forced = exit_model(0).forced(Forcing(0.5, "per_token"))
     with pytest.raises(NotImplementedError, match="forced"):
         forced.init_state(1)

@@ -28,6 +28,7 @@ from bk.atomic import HOST
 from bk.data import load_corpus
 from bk.model import LanguageModel, ModelConfig, Work
 from bk.train import Evaluation, content_digest, load_checkpoint, load_model, save_checkpoint
+from tests.strategies import TINY_4_LAYERS
 
 
 def make_comparison(name="t", speedup=2.0, ppl_ref=10.0, ppl_cand=10.2) -> Comparison:
@@ -136,15 +137,15 @@ def test_registry_lists_dense_first_and_rejects_unknown_names_and_knobs():
 
 
 def test_every_registered_technique_builds_and_accepts_the_dense_weights():
-    config = ModelConfig(vocab_size=17, d_model=16, n_layers=4, n_seq=16, n_experts=2,
-                         d_expert=16, bk_channels=2)
+    config = TINY_4_LAYERS
     dense = LanguageModel(config)
-    x = torch.randint(0, 17, (2, 16))
+    x = torch.randint(0, config.vocab_size, (2, config.n_seq))
     for name, technique in techniques().items():
         model = technique.make(config)
         assert not model.load_state_dict(dense.state_dict(), strict=False).unexpected_keys, name
         out = model.eval()(x, x)
-        assert out.logits.shape == (2, 16, 17) and torch.isfinite(out.loss), name
+        assert out.logits.shape == (2, config.n_seq, config.vocab_size), name
+        assert torch.isfinite(out.loss), name
 
 
 def test_command_values_parse_to_numbers_booleans_and_strings():
@@ -330,9 +331,7 @@ def test_every_checkpoint_error_is_one_line_naming_the_file_and_the_problem(
 
 def test_a_code_edit_retrains_only_the_models_whose_code_it_touches(tmp_path, monkeypatch):
     # Hashing every file of bk/ once retrained all models (about 12 minutes) on any edit.
-    config = ModelConfig(vocab_size=17, d_model=16, n_layers=4, n_seq=16, n_experts=2,
-                         d_expert=16, bk_channels=2)
-    classes = {name: type(t.make(config)) for name, t in techniques().items()}
+    classes = {name: type(t.make(TINY_4_LAYERS)) for name, t in techniques().items()}
 
     def keys(edits: dict[str, tuple[str, str]]) -> dict[str, str]:
         def read(module: str) -> str:

@@ -1,6 +1,7 @@
 """Mixture-of-Depths capacity routing (bk/adaptive/depth.py) against float64 oracles."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,25 +11,16 @@ from torch.nn import functional as F
 
 from bench.registry import get
 from bk.adaptive.depth import CapacityDepthModel, CapacityState, straight_through
-from bk.model import DecodeState, LanguageModel, ModelConfig
+from bk.model import DecodeState, LanguageModel
 from bk.technique import Forcing, KnobError
+from tests.strategies import TINY_4_LAYERS, random_tokens, seeds, token_batches
 
-# n_seq = 6 so that short test sequences already span several capacity windows.
-CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=4, n_seq=6, n_experts=2, d_expert=16,
-                  bk_channels=2)
+CFG = replace(TINY_4_LAYERS, n_seq=6)  # so that short sequences span several capacity windows
 F64 = torch.float64
 
-seeds = st.integers(0, 2**16)
+batches = token_batches(max_len=15)  # up to two full windows and a partial one
 capacities = st.sampled_from([0.01, 0.2, 0.5, 0.7, 1.0])
 routings = st.sampled_from(["alternate", "inner"])
-
-
-@st.composite
-def token_batches(draw, max_batch: int = 3, max_len: int = 15) -> torch.Tensor:
-    b = draw(st.integers(1, max_batch))
-    n = draw(st.integers(1, max_len))
-    values = draw(st.lists(st.integers(0, CFG.vocab_size - 1), min_size=b * n, max_size=b * n))
-    return torch.tensor(values, dtype=torch.int64).view(b, n)
 
 
 def mod_model(seed: int, capacity: float = 0.5, routed: str = "alternate",
@@ -91,7 +83,7 @@ def masked_dense_reference(model: CapacityDepthModel, idx: torch.Tensor):
     return model.head(model.norm(x)), layers, scores
 
 
-@given(seeds, token_batches(), capacities, routings)
+@given(seeds, batches, capacities, routings)
 def test_forward_equals_the_masked_dense_reference_in_value_and_gradient(seed, idx, capacity,
                                                                          routed):
     model = mod_model(seed, capacity, routed)
@@ -107,7 +99,7 @@ def test_forward_equals_the_masked_dense_reference_in_value_and_gradient(seed, i
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11, msg=name)
 
 
-@given(seeds, token_batches(), capacities, routings)
+@given(seeds, batches, capacities, routings)
 def test_at_most_k_tokens_of_each_window_run_a_routed_layer_and_work_counts_the_rows(
         seed, idx, capacity, routed):
     model = mod_model(seed, capacity, routed)
@@ -140,7 +132,7 @@ def test_step_by_step_decoding_matches_the_forward_pass(seed, idx, capacity, rou
                                                                     idx.shape[0])
 
 
-@given(seeds, token_batches(), capacities, routings, st.data())
+@given(seeds, batches, capacities, routings, st.data())
 def test_logits_and_decisions_at_a_position_do_not_depend_on_later_tokens(
         seed, idx, capacity, routed, data):
     model = mod_model(seed, capacity, routed)
@@ -157,7 +149,7 @@ def test_logits_and_decisions_at_a_position_do_not_depend_on_later_tokens(
                            a.stats["layers_per_token"][:, :cut])
 
 
-@given(seeds, token_batches(max_batch=4), capacities)
+@given(seeds, token_batches(max_batch=4, max_len=15), capacities)
 def test_a_sequence_result_does_not_depend_on_the_others_in_its_batch(seed, idx, capacity):
     model = mod_model(seed, capacity)
     with torch.no_grad():
@@ -176,7 +168,7 @@ def test_every_token_selected_at_capacity_one_is_the_dense_model():
     with torch.no_grad():
         for router in model.routers.values():
             router.bias.fill_(50.0)
-        idx = torch.randint(0, CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+        idx = random_tokens(1, 2, 9)
         dense = LanguageModel(CFG).double().eval()
         dense.load_state_dict(model.state_dict(), strict=False)
         out = model(idx)
@@ -194,7 +186,7 @@ def test_the_straight_through_gate_is_one_with_the_gradient_of_the_sigmoid(value
                                rtol=1e-12, atol=0)
 
 
-@given(seeds, token_batches(), capacities, routings)
+@given(seeds, batches, capacities, routings)
 def test_the_router_loss_is_the_cross_entropy_towards_the_top_k_of_each_window(
         seed, idx, capacity, routed):
     model = mod_model(seed, capacity, routed, router_loss_weight=0.3)
@@ -220,7 +212,7 @@ def test_the_router_loss_is_the_cross_entropy_towards_the_top_k_of_each_window(
 
 def test_the_task_loss_trains_the_routers_through_the_tokens_that_ran():
     model = mod_model(5)
-    idx = torch.randint(0, CFG.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
+    idx = random_tokens(5, 2, 6)
     model(idx, idx).ce.backward()
     for router in model.routers.values():
         assert bool(router.weight.grad.abs().sum() > 0)
@@ -238,7 +230,7 @@ def strided(n: int, keep: float) -> torch.Tensor:
     return torch.tensor([math.floor((i + 1) * rate) > math.floor(i * rate) for i in j.tolist()])
 
 
-@given(seeds, token_batches(), st.floats(0.05, 1.0), routings)
+@given(seeds, batches, st.floats(0.05, 1.0), routings)
 def test_a_forced_uniform_model_runs_evenly_strided_positions_without_routers(seed, idx, keep,
                                                                              routed):
     model = mod_model(seed, 0.5, routed)
@@ -285,7 +277,7 @@ def test_a_forced_per_token_model_selects_at_random_at_the_rate_and_the_capacity
 
 def test_a_forced_model_equals_the_routed_one_when_the_routers_pick_the_same_positions():
     model = mod_model(1, capacity=0.5)
-    idx = torch.randint(0, CFG.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
+    idx = random_tokens(2, 3, 12)
     pattern = strided(12, 0.5)
     handles = [r.register_forward_hook(
         lambda module, args, out: torch.where(pattern, 1.0, -1.0).to(out).expand_as(out[..., 0])
@@ -332,13 +324,13 @@ def test_bad_knobs_are_rejected_with_an_error_naming_the_knob(knobs, message):
 
 @pytest.mark.parametrize("layers, routed", [(1, "alternate"), (2, "inner")])
 def test_a_routing_that_routes_no_layer_of_the_config_is_rejected(layers, routed):
-    cfg = ModelConfig(**{**CFG.__dict__, "n_layers": layers})
+    cfg = replace(CFG, n_layers=layers)
     with pytest.raises(KnobError, match=f"knob routed: '{routed}' routes no layer"):
         CapacityDepthModel(cfg, routed=routed)
 
 
 def test_routed_layers_never_include_the_first():
-    cfg = ModelConfig(**{**CFG.__dict__, "n_layers": 8})
+    cfg = replace(CFG, n_layers=8)
     assert sorted(CapacityDepthModel(cfg).routers) == ["1", "3", "5", "7"]
     assert sorted(CapacityDepthModel(cfg, routed="inner").routers) == [str(i) for i in range(1, 7)]
 

@@ -11,20 +11,13 @@ from bk.data import Corpus, Vocabulary
 from bk.model import LanguageModel, ModelConfig
 from bk.moe import MoEFeedForward
 from bk.train import TrainConfig, evaluate, load_checkpoint, load_model, save_checkpoint, train
-
-TINY = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=16, n_experts=2, d_expert=16,
-                   bk_channels=2)
+from tests.strategies import TINY, float64_model, random_tokens, seeds, tiny_model
 
 
-def tiny_model(seed: int = 0, dtype=torch.float64) -> LanguageModel:
-    torch.manual_seed(seed)
-    return LanguageModel(TINY).to(dtype).eval()
-
-
-@given(length=st.integers(2, 16), cut=st.integers(1, 15), seed=st.integers(0, 2**16))
+@given(length=st.integers(2, 16), cut=st.integers(1, 15), seed=seeds)
 def test_logits_at_a_position_depend_only_on_tokens_up_to_it(length, cut, seed):
     cut = min(cut, length - 1)
-    model = tiny_model()
+    model = tiny_model(0)
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, TINY.vocab_size, (2, length), generator=g)
     y = x.clone()
@@ -36,7 +29,7 @@ def test_logits_at_a_position_depend_only_on_tokens_up_to_it(length, cut, seed):
     torch.testing.assert_close(a[:, :cut], b[:, :cut], rtol=0, atol=1e-12)
 
 
-@given(length=st.integers(1, 12), seed=st.integers(0, 2**16))
+@given(length=st.integers(1, 12), seed=seeds)
 def test_step_by_step_decoding_equals_the_full_forward_pass(length, seed):
     model = tiny_model(seed % 7)
     g = torch.Generator().manual_seed(seed)
@@ -51,8 +44,8 @@ def test_step_by_step_decoding_equals_the_full_forward_pass(length, seed):
 
 
 def test_a_sequence_result_does_not_depend_on_the_rest_of_its_batch():
-    model = tiny_model()
-    x = torch.randint(0, TINY.vocab_size, (4, 16), generator=torch.Generator().manual_seed(3))
+    model = tiny_model(0)
+    x = random_tokens(3, 4, 16)
     with torch.no_grad():
         together = model(x).logits
         alone = torch.cat([model(x[i:i + 1]).logits for i in range(4)])
@@ -60,7 +53,7 @@ def test_a_sequence_result_does_not_depend_on_the_rest_of_its_batch():
 
 
 def test_work_counts_every_token_layer_of_the_dense_model():
-    out = tiny_model()(torch.zeros(2, 5, dtype=torch.long))
+    out = tiny_model(0)(torch.zeros(2, 5, dtype=torch.long))
     layers = TINY.n_layers
     assert (out.work.token_layers, out.work.expert_calls, out.work.positions) == (10 * layers,) * 3
     assert torch.equal(out.stats["layers_per_token"], torch.full((2, 5), float(layers),
@@ -68,14 +61,14 @@ def test_work_counts_every_token_layer_of_the_dense_model():
 
 
 def test_the_router_and_every_block_parameter_receive_gradient():
-    model = tiny_model().train()
-    x = torch.randint(0, TINY.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    model = float64_model(0).train()
+    x = random_tokens(0, 4, 16)
     model(x, x).loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@given(training=st.booleans(), seed=st.integers(0, 2**16), dtype=st.sampled_from(
+@given(training=st.booleans(), seed=seeds, dtype=st.sampled_from(
     [torch.float32, torch.float64]))
 def test_the_fused_block_forward_equals_token_work_readout_and_residual(training, seed, dtype):
     """BKBlock.forward (expert outputs, residual and readout summed in one pass) computes
@@ -130,7 +123,7 @@ def test_balance_loss_is_one_for_a_perfectly_balanced_uniform_router():
 ])
 def test_bad_token_ids_raise_a_clear_error(bad, error):
     with pytest.raises(error, match="token ids"):
-        tiny_model()(bad)
+        tiny_model(0)(bad)
 
 
 def test_a_bad_config_raises_a_clear_error():
@@ -179,7 +172,7 @@ def test_a_corrupt_or_mismatched_checkpoint_raises_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="corrupt"):
         load_checkpoint(bad)
     good = tmp_path / "good.pt"
-    save_checkpoint(good, tiny_model(dtype=torch.float32), uniform_corpus(100).vocab, step=0)
+    save_checkpoint(good, float64_model(0).float(), uniform_corpus(100).vocab, step=0)
     with pytest.raises(ValueError, match="does not match"):
         load_model(good, lambda cfg: LanguageModel(ModelConfig(vocab_size=5)))
     with pytest.raises(FileNotFoundError):

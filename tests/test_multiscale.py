@@ -14,32 +14,24 @@ from bk.adaptive.multiscale import (
     pool,
     unpool,
 )
-from bk.model import DecodeState, LanguageModel, ModelConfig
+from bk.model import DecodeState, LanguageModel
 from bk.technique import Forcing, KnobError
-
-CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=4, n_seq=16, n_experts=2, d_expert=16,
-                  bk_channels=2)
-seeds = st.integers(0, 2**31 - 1)
+from tests.strategies import TINY_4_LAYERS as CFG
+from tests.strategies import float64_model, random_tokens, seeds
 
 
 def models(factor: int, levels: int, seed: int, *, perturb: bool = True
            ) -> tuple[LanguageModel, MultiScaleLanguageModel]:
     """A float64 dense model and a multi-scale model with its weights (and, with ``perturb``,
     non-trivial pooling weights and gains)."""
-    torch.manual_seed(seed)
-    dense = LanguageModel(CFG).double()
-    multi = MultiScaleLanguageModel(CFG, factor=factor, levels=levels).double()
+    dense = float64_model(seed, config=CFG)
+    multi = MultiScaleLanguageModel(CFG, factor=factor, levels=levels).double().eval()
     multi.load_state_dict(dense.state_dict(), strict=False)
     if perturb:
         with torch.no_grad():
             for p in [*multi.pool_weights, *multi.unpool_gains]:
                 p.add_(torch.randn_like(p))
-    return dense.eval(), multi.eval()
-
-
-def tokens(seed: int, batch: int, length: int) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (batch, length),
-                         generator=torch.Generator().manual_seed(seed))
+    return dense, multi
 
 
 @given(batch=st.integers(1, 3), length=st.integers(0, 13), k=st.integers(1, 4), seed=seeds)
@@ -91,7 +83,7 @@ def test_unpool_rejects_a_length_its_groups_do_not_tile():
        levels=st.integers(0, 2), seed=seeds)
 def test_logits_have_the_input_shape_for_every_length(batch, length, factor, levels, seed):
     _, multi = models(factor, levels, seed)
-    out = multi(tokens(seed, batch, length))
+    out = multi(random_tokens(seed, batch, length))
     assert out.logits.shape == (batch, length, CFG.vocab_size)
     assert bool(torch.isfinite(out.logits).all())
 
@@ -101,9 +93,9 @@ def test_logits_have_the_input_shape_for_every_length(batch, length, factor, lev
 def test_no_position_sees_a_later_token(length, factor, levels, data, seed):
     _, multi = models(factor, levels, seed)
     cut = data.draw(st.integers(0, length - 2), label="last unperturbed position")
-    idx = tokens(seed, 2, length)
+    idx = random_tokens(seed, 2, length)
     changed = idx.clone()
-    changed[:, cut + 1:] = (idx[:, cut + 1:] + 1 + tokens(seed + 1, 2, length - cut - 1)
+    changed[:, cut + 1:] = (idx[:, cut + 1:] + 1 + random_tokens(seed + 1, 2, length - cut - 1)
                             % (CFG.vocab_size - 1)) % CFG.vocab_size
     with torch.no_grad():
         before, after = multi(idx).logits, multi(changed).logits
@@ -113,7 +105,7 @@ def test_no_position_sees_a_later_token(length, factor, levels, data, seed):
 
 def test_the_coarse_update_reaches_the_full_resolution_stream():
     _, multi = models(2, 2, 0)
-    idx = tokens(0, 2, 16)
+    idx = random_tokens(0, 2, 16)
     with torch.no_grad():
         with_coarse = multi(idx).logits
         for gain in multi.unpool_gains:
@@ -130,7 +122,7 @@ def test_factor_one_reproduces_the_dense_model(length, levels, seed):
     with torch.no_grad():
         for w in multi.pool_weights:
             w.add_(torch.randn_like(w))  # a single-position softmax is 1 whatever its logit
-    idx = tokens(seed, 2, length)
+    idx = random_tokens(seed, 2, length)
     expected, got = dense(idx, idx), multi(idx, idx)
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got.loss, expected.loss, rtol=1e-12, atol=1e-12)
@@ -140,7 +132,7 @@ def test_factor_one_reproduces_the_dense_model(length, levels, seed):
 @given(length=st.integers(1, 24), factor=st.integers(1, 4), seed=seeds)
 def test_zero_levels_reproduce_the_dense_model_exactly(length, factor, seed):
     dense, multi = models(factor, 0, seed)
-    idx = tokens(seed, 2, length)
+    idx = random_tokens(seed, 2, length)
     assert torch.equal(multi(idx).logits, dense(idx).logits)
 
 
@@ -151,7 +143,7 @@ def test_blocks_run_on_the_reduced_lengths_and_the_work_counts_them(length, fact
     hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
              for b in multi.blocks]
     try:
-        out = multi(tokens(0, 3, length))
+        out = multi(random_tokens(0, 3, length))
     finally:
         for h in hooks:
             h.remove()
@@ -182,7 +174,7 @@ def test_dense_weights_load_under_the_same_names():
 def test_gradient_reaches_the_pooling_weights_and_the_gains():
     _, multi = models(2, 2, 0)
     multi.train()
-    idx = tokens(0, 2, 16)
+    idx = random_tokens(0, 2, 16)
     multi(idx, idx).loss.backward()
     for p in [*multi.pool_weights, *multi.unpool_gains]:
         assert p.grad is not None and bool(torch.isfinite(p.grad).all())
@@ -219,7 +211,7 @@ def test_it_makes_no_decisions_to_force():
 
 def test_only_training_adds_the_balance_term():
     _, multi = models(2, 2, 0)
-    idx = tokens(0, 2, 16)
+    idx = random_tokens(0, 2, 16)
     assert multi(idx, idx).aux == {}
     assert set(multi.train()(idx, idx).aux) == {"balance"}
 
@@ -228,7 +220,7 @@ def test_only_training_adds_the_balance_term():
        levels=st.integers(0, 2), seed=seeds)
 def test_step_by_step_decoding_equals_the_forward_pass(batch, length, factor, levels, seed):
     _, multi = models(factor, levels, seed)
-    idx = tokens(seed, batch, length)
+    idx = random_tokens(seed, batch, length)
     with torch.no_grad():
         expected = multi(idx).logits
         state = multi.init_state(batch)

@@ -18,21 +18,12 @@ from bk.adaptive.routing_cache import (
     route_rest,
     window_keys,
 )
-from bk.model import LanguageModel, ModelConfig, Work
+from bk.model import LanguageModel, Work
 from bk.skip import Subset
 from bk.technique import Forcing, KnobError
+from tests.strategies import TINY, FakeClock, random_tokens, seeds, token_batches
 
-TINY = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=16, n_experts=2, d_expert=16,
-                   bk_channels=2)
 WIDTH = 3
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def entries(keys: list[int]) -> tuple[torch.Tensor, ...]:
@@ -62,20 +53,14 @@ def assert_same_work(got: Work, want: Work, routes_given: int = 0) -> None:
     assert got.routes_given == routes_given
 
 
-token_batches = st.tuples(st.integers(1, 3), st.integers(1, TINY.n_seq), st.integers(0, 2**16))
-
-
-def batch(shape) -> torch.Tensor:
-    b, n, seed = shape
-    return torch.randint(0, TINY.vocab_size, (b, n), generator=torch.Generator().manual_seed(seed))
+batches = token_batches(max_len=TINY.n_seq)
 
 
 # -- keys ------------------------------------------------------------------------------------
 
 
-@given(token_batches, st.integers(0, 5))
-def test_context_windows_hold_the_previous_ids_and_the_token_padded_at_the_start(shape, w):
-    idx = batch(shape)
+@given(batches, st.integers(0, 5))
+def test_context_windows_hold_the_previous_ids_and_the_token_padded_at_the_start(idx, w):
     windows = context_windows(idx, w, pad=TINY.vocab_size)
     b, n = idx.shape
     assert windows.shape == (b, n, w + 1)
@@ -85,9 +70,9 @@ def test_context_windows_hold_the_previous_ids_and_the_token_padded_at_the_start
             assert windows[i, t].tolist() == expected
 
 
-@given(token_batches, st.integers(0, 5))
-def test_equal_windows_get_equal_keys(shape, w):
-    windows = context_windows(batch(shape), w, pad=TINY.vocab_size).reshape(-1, w + 1)
+@given(batches, st.integers(0, 5))
+def test_equal_windows_get_equal_keys(idx, w):
+    windows = context_windows(idx, w, pad=TINY.vocab_size).reshape(-1, w + 1)
     keys = window_keys(windows)
     same_window = (windows[:, None, :] == windows[None, :, :]).all(dim=-1)
     assert bool((keys[:, None] == keys[None, :])[same_window].all())
@@ -245,11 +230,10 @@ def test_the_preset_and_its_overrides_give_the_settings():
 # -- the model -------------------------------------------------------------------------------
 
 
-@given(token_batches)
-def test_disabled_routing_equals_the_baseline_router_bit_for_bit(shape):
-    idx = batch(shape)
-    y = batch((*shape[:2], shape[2] + 1))
-    dense, cached = models(seed=shape[2], preset="off")
+@given(batches, seeds)
+def test_disabled_routing_equals_the_baseline_router_bit_for_bit(idx, seed):
+    y = random_tokens(seed + 1, *idx.shape)
+    dense, cached = models(seed=seed, preset="off")
     cached.observe_batches([idx])  # a fast-path table exists but must not be used
     with torch.no_grad():
         for _ in range(2):
@@ -259,10 +243,9 @@ def test_disabled_routing_equals_the_baseline_router_bit_for_bit(shape):
             assert_same_work(got.work, want.work)
 
 
-@given(token_batches)
-def test_tiers_that_take_nothing_equal_the_baseline_router_bit_for_bit(shape):
-    idx = batch(shape)
-    dense, cached = models(seed=shape[2], cache_size=0, frequency_threshold=NEVER)
+@given(batches, seeds)
+def test_tiers_that_take_nothing_equal_the_baseline_router_bit_for_bit(idx, seed):
+    dense, cached = models(seed=seed, cache_size=0, frequency_threshold=NEVER)
     cached.observe_batches([idx])
     with torch.no_grad():
         want, got = dense(idx), cached(idx)
@@ -271,12 +254,11 @@ def test_tiers_that_take_nothing_equal_the_baseline_router_bit_for_bit(shape):
     assert_same_work(got.work, want.work)
 
 
-@given(token_batches)
-def test_a_cache_covering_the_whole_prefix_reproduces_the_router_on_the_next_pass(shape):
+@given(batches, seeds)
+def test_a_cache_covering_the_whole_prefix_reproduces_the_router_on_the_next_pass(idx, seed):
     # With the window as long as the sequence the key determines the hidden state, so a hit
     # must give the decision recomputation would give.
-    idx = batch(shape)
-    dense, cached = models(seed=shape[2], confidence_threshold=0.0,
+    dense, cached = models(seed=seed, confidence_threshold=0.0,
                            context_window_size=TINY.n_seq, frequency_threshold=NEVER,
                            clock=FakeClock())
     with torch.no_grad():
@@ -287,13 +269,12 @@ def test_a_cache_covering_the_whole_prefix_reproduces_the_router_on_the_next_pas
     torch.testing.assert_close(second.logits, want.logits)
 
 
-@given(token_batches, st.sampled_from(sorted(PRESETS)), st.integers(0, 3))
-def test_tiered_routing_keeps_the_router_output_shape_dtype_and_top1_meaning(shape, preset,
+@given(batches, seeds, st.sampled_from(sorted(PRESETS)), st.integers(0, 3))
+def test_tiered_routing_keeps_the_router_output_shape_dtype_and_top1_meaning(idx, seed, preset,
                                                                              warm_passes):
-    idx = batch(shape)
-    dense, cached = models(seed=shape[2], preset=preset, confidence_threshold=0.5,
+    dense, cached = models(seed=seed, preset=preset, confidence_threshold=0.5,
                            clock=FakeClock())
-    cached.observe_batches([idx, batch((4, TINY.n_seq, shape[2] + 7))])
+    cached.observe_batches([idx, random_tokens(seed + 7, 4, TINY.n_seq)])
     for _ in range(warm_passes):
         with torch.no_grad():
             cached(idx)
@@ -319,10 +300,10 @@ def test_tiered_routing_keeps_the_router_output_shape_dtype_and_top1_meaning(sha
     assert torch.equal(routing.gate[fast], gate_table[0, tokens[fast]])
 
 
-@given(st.integers(0, 2**16), st.floats(0.0, 1.4), st.integers(1, 40))
+@given(seeds, st.floats(0.0, 1.4), st.integers(1, 40))
 def test_the_fast_path_takes_exactly_the_frequent_low_entropy_tokens(seed, entropy_cap, min_count):
     _, cached = models(seed=seed, frequency_threshold=min_count, entropy_threshold=entropy_cap)
-    idx = batch((3, TINY.n_seq, seed))
+    idx = random_tokens(seed, 3, TINY.n_seq)
     cached.observe_batches([idx])
     dense64 = LanguageModel(TINY).double()
     dense64.load_state_dict({k: v for k, v in cached.state_dict().items()
@@ -351,11 +332,10 @@ def test_the_fast_path_takes_exactly_the_frequent_low_entropy_tokens(seed, entro
             x, _ = block(x)
 
 
-@given(token_batches, st.sampled_from(sorted(PRESETS)))
-def test_each_token_layer_is_decided_by_exactly_one_tier(shape, preset):
-    idx = batch(shape)
-    _, cached = models(seed=shape[2], preset=preset, clock=FakeClock())
-    cached.observe_batches([batch((4, TINY.n_seq, shape[2] + 1))])
+@given(batches, seeds, st.sampled_from(sorted(PRESETS)))
+def test_each_token_layer_is_decided_by_exactly_one_tier(idx, seed, preset):
+    _, cached = models(seed=seed, preset=preset, clock=FakeClock())
+    cached.observe_batches([random_tokens(seed + 1, 4, TINY.n_seq)])
     with torch.no_grad():
         cached(idx)
         out = cached(idx)
@@ -373,7 +353,7 @@ def test_calibration_steps_leave_the_dense_weights_exactly_unchanged():
     optimizer = torch.optim.AdamW(cached.parameters(), lr=1e-2, weight_decay=0.1)
     cached.train()
     for seed in range(3):
-        x, y = batch((2, TINY.n_seq, seed)), batch((2, TINY.n_seq, seed + 10))
+        x, y = random_tokens(seed, 2, TINY.n_seq), random_tokens(seed + 10, 2, TINY.n_seq)
         optimizer.zero_grad()
         cached(x, y).loss.backward()
         optimizer.step()
@@ -388,7 +368,7 @@ def test_calibration_steps_leave_the_dense_weights_exactly_unchanged():
 
 def test_a_training_step_clears_the_caches():
     _, cached = models(confidence_threshold=0.0, clock=FakeClock())
-    idx = batch((2, TINY.n_seq, 0))
+    idx = random_tokens(0, 2, TINY.n_seq)
     with torch.no_grad():
         cached(idx)
     assert all(len(cache) > 0 for cache in cached.caches)
@@ -406,7 +386,7 @@ def tiny_corpus(seed: int):
     return Corpus("tiny", vocab, *streams)
 
 
-@given(st.integers(0, 2**16), st.sampled_from(sorted(PRESETS)))
+@given(seeds, st.sampled_from(sorted(PRESETS)))
 def test_routing_stats_count_the_calibration_tokens_and_shares_sum_to_one(seed, preset):
     from bench.routing_stats import routing_stats
 
@@ -440,16 +420,16 @@ def test_work_adds_up_and_leaves_the_given_routers_out_of_the_flops():
 
 
 @settings(max_examples=6)
-@given(st.integers(0, 2**16), st.integers(0, TINY.n_seq - 2))
+@given(seeds, st.integers(0, TINY.n_seq - 2))
 def test_logits_at_a_position_do_not_depend_on_later_tokens_of_the_call(seed, i):
     # Two models in the same state see inputs that differ after position i. Their caches hold
     # every one-token-context window, inserted from other contexts, so nearly every lookup hits
     # an entry that differs from the router's decision: a key that read a later token would
     # change the logits at i.
-    idx = batch((2, TINY.n_seq, seed))
+    idx = random_tokens(seed, 2, TINY.n_seq)
     changed = idx.clone()
-    changed[:, i + 1:] = batch((2, TINY.n_seq - i - 1, seed + 1))
-    warm = batch((32, TINY.n_seq, seed + 2))
+    changed[:, i + 1:] = random_tokens(seed + 1, 2, TINY.n_seq - i - 1)
+    warm = random_tokens(seed + 2, 32, TINY.n_seq)
     outputs = []
     for x in (idx, changed):
         _, cached = models(seed=seed % 5, confidence_threshold=0.0, context_window_size=1,
@@ -477,7 +457,7 @@ def forced_pair(keep: float, pattern: str, seed: int = 0):
     """A dense model and the routing-cache model forced at ``keep``, with every tier's
     machinery made to fail and the router's rows counted."""
     dense, cached = models(seed=seed)
-    cached.observe_batches([batch((4, TINY.n_seq, seed))])  # a fast-path table exists
+    cached.observe_batches([random_tokens(seed, 4, TINY.n_seq)])  # a fast-path table exists
 
     def fail(*args, **kwargs):
         raise AssertionError("a forced model consulted a tier")
@@ -502,7 +482,7 @@ def forced_pair(keep: float, pattern: str, seed: int = 0):
 @pytest.mark.parametrize("keep", [0.25, 0.5, 0.3, 1.0])
 def test_a_uniformly_forced_model_routes_evenly_spaced_positions_and_gives_the_rest(keep):
     dense, forced, routed = forced_pair(keep, "uniform")
-    idx = batch((3, TINY.n_seq, 1))
+    idx = random_tokens(1, 3, TINY.n_seq)
     with torch.no_grad():
         out = forced(idx)
     per_sequence = math.floor(TINY.n_seq * keep)
@@ -519,7 +499,7 @@ def test_a_uniformly_forced_model_routes_evenly_spaced_positions_and_gives_the_r
 
 def test_a_per_token_forced_model_routes_a_random_share_and_is_reproducible():
     _, forced, routed = forced_pair(0.5, "per_token", seed=4)
-    idx = batch((8, TINY.n_seq, 2))
+    idx = random_tokens(2, 8, TINY.n_seq)
     with torch.no_grad():
         out, again = forced(idx), forced(idx)
     token_layers = idx.numel() * TINY.n_layers
@@ -529,11 +509,11 @@ def test_a_per_token_forced_model_routes_a_random_share_and_is_reproducible():
     assert out.work.flops(TINY) < Work(token_layers, token_layers, token_layers).flops(TINY)
 
 
-@given(st.integers(0, 2**16), st.sampled_from(["uniform", "per_token"]))
+@given(seeds, st.sampled_from(["uniform", "per_token"]))
 def test_the_forced_path_gives_its_experts_and_routes_the_rest_like_the_router(seed, pattern):
     _, cached = models(seed=seed)
     forced = cached.forced(Forcing(0.5, pattern, seed=seed))
-    idx = batch((2, TINY.n_seq, seed))
+    idx = random_tokens(seed, 2, TINY.n_seq)
     given = forced.given_routing(*idx.shape)
     with torch.no_grad():
         h = cached.blocks[0].norm(cached.embed(idx).reshape(idx.numel(), -1))

@@ -1,5 +1,7 @@
 """Properties of the learned sequence length wrapper (bk/adaptive/seqlen.py)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,22 +15,14 @@ from bk.adaptive.seqlen import (
     pad_positions,
     truncate_positions,
 )
-from bk.model import LanguageModel, ModelConfig
+from bk.model import LanguageModel
 from bk.technique import Forcing, KnobError
+from tests.strategies import TINY, random_tokens, seeds, token_batches
 
-CFG = ModelConfig(vocab_size=17, d_model=16, n_layers=3, n_seq=48, n_experts=2, d_expert=16,
-                  bk_channels=2)
+CFG = replace(TINY, n_seq=48)  # three length bins
 BINS = (16, 32, 48)
 
-seeds = st.integers(0, 2**16)
-
-
-@st.composite
-def token_batches(draw, max_batch=4, max_len=CFG.n_seq):
-    b = draw(st.integers(1, max_batch))
-    n = draw(st.integers(1, max_len))
-    values = draw(st.lists(st.integers(0, CFG.vocab_size - 1), min_size=b * n, max_size=b * n))
-    return torch.tensor(values, dtype=torch.int64).view(b, n)
+batches = token_batches(max_batch=4, max_len=CFG.n_seq)
 
 
 @st.composite
@@ -38,7 +32,8 @@ def lengths_for(draw, idx):
                                       max_size=idx.shape[0])))
 
 
-def tiny_model(seed: int, dtype: torch.dtype = torch.float64, **kwargs) -> LengthAdaptiveModel:
+def length_model(seed: int, dtype: torch.dtype = torch.float64,
+                 **kwargs) -> LengthAdaptiveModel:
     torch.manual_seed(seed)
     model = LengthAdaptiveModel(CFG, **kwargs)
     with torch.no_grad():
@@ -65,7 +60,7 @@ def test_length_bins_step_by_16_and_end_at_n_seq():
     assert length_bins(48) == BINS
     assert length_bins(40) == (16, 32, 40)
     assert length_bins(8) == (8,)
-    assert tiny_model(0).bins == BINS
+    assert length_model(0).bins == BINS
 
 
 @given(st.integers(1, 3), st.integers(1, 10), st.integers(0, 6), st.integers(1, 4))
@@ -87,7 +82,7 @@ def test_truncate_then_restore_gives_the_original_shape(b, n, data):
     assert torch.equal(restored[:, :length], t[:, :length])
 
 
-@given(seeds, token_batches(max_len=CFG.n_seq))
+@given(seeds, batches)
 def test_a_fresh_predictor_chooses_the_full_length_so_the_candidate_starts_as_the_base(seed, idx):
     torch.manual_seed(seed)
     model = LengthAdaptiveModel(CFG).eval()
@@ -97,9 +92,9 @@ def test_a_fresh_predictor_chooses_the_full_length_so_the_candidate_starts_as_th
     assert torch.equal(out.logits, base.logits)
 
 
-@given(seeds, token_batches(max_len=CFG.n_seq))
+@given(seeds, batches)
 def test_at_full_length_the_wrapper_equals_the_base_model_exactly(seed, idx):
-    model = tiny_model(seed, dtype=torch.float32)
+    model = length_model(seed, dtype=torch.float32)
     full = torch.full((idx.shape[0],), idx.shape[1])
     with torch.no_grad():
         out, base = model.run_at_lengths(idx, full, idx), base_of(model)(idx, idx)
@@ -108,9 +103,9 @@ def test_at_full_length_the_wrapper_equals_the_base_model_exactly(seed, idx):
     assert out.work == base.work
 
 
-@given(seeds, token_batches(), st.data())
+@given(seeds, batches, st.data())
 def test_truncation_leaves_the_outputs_below_the_length_unchanged(seed, idx, data):
-    model = tiny_model(seed)
+    model = length_model(seed)
     lengths = data.draw(lengths_for(idx))
     with torch.no_grad():
         out = model.run_at_lengths(idx, lengths)
@@ -120,9 +115,9 @@ def test_truncation_leaves_the_outputs_below_the_length_unchanged(seed, idx, dat
                                        rtol=1e-12, atol=1e-12)
 
 
-@given(seeds, token_batches(), st.data())
+@given(seeds, batches, st.data())
 def test_every_uncomputed_position_is_scored_on_the_unigram_fallback(seed, idx, data):
-    model = tiny_model(seed)
+    model = length_model(seed)
     lengths = data.draw(lengths_for(idx))
     with torch.no_grad():
         out = model.run_at_lengths(idx, lengths, idx)
@@ -135,9 +130,9 @@ def test_every_uncomputed_position_is_scored_on_the_unigram_fallback(seed, idx, 
     torch.testing.assert_close(out.ce, nll, rtol=1e-12, atol=1e-12)
 
 
-@given(seeds, token_batches(), st.data())
+@given(seeds, batches, st.data())
 def test_the_work_counter_scales_with_the_computed_length(seed, idx, data):
-    model = tiny_model(seed)
+    model = length_model(seed)
     lengths = data.draw(lengths_for(idx))
     with torch.no_grad():
         out = model.run_at_lengths(idx, lengths)
@@ -149,9 +144,9 @@ def test_the_work_counter_scales_with_the_computed_length(seed, idx, data):
     assert float(out.stats["layers_per_token"].sum()) == computed * CFG.n_layers
 
 
-@given(seeds, token_batches(max_batch=4))
+@given(seeds, batches)
 def test_a_sequence_result_does_not_depend_on_the_others_in_its_batch(seed, idx):
-    model = deciding(tiny_model(seed), seed)
+    model = deciding(length_model(seed), seed)
     with torch.no_grad():
         batch = model(idx)
         for row in range(idx.shape[0]):
@@ -163,9 +158,8 @@ def test_a_sequence_result_does_not_depend_on_the_others_in_its_batch(seed, idx)
 
 @given(seeds, st.floats(0.0, 2.0))
 def test_bin_costs_from_one_full_pass_equal_the_loss_of_really_truncating(seed, penalty):
-    model = tiny_model(seed, length_penalty=penalty)
-    idx = torch.randint(0, CFG.vocab_size, (3, CFG.n_seq),
-                        generator=torch.Generator().manual_seed(seed))
+    model = length_model(seed, length_penalty=penalty)
+    idx = random_tokens(seed, 3, CFG.n_seq)
     with torch.no_grad():
         full = base_of(model)(idx).logits
         model_nll = torch.nn.functional.cross_entropy(full.transpose(1, 2), idx,
@@ -182,16 +176,15 @@ def test_bin_costs_from_one_full_pass_equal_the_loss_of_really_truncating(seed, 
 
 @given(seeds)
 def test_the_gradient_reaches_the_predictor(seed):
-    model = tiny_model(seed, dtype=torch.float32).train()
-    idx = torch.randint(0, CFG.vocab_size, (4, CFG.n_seq),
-                        generator=torch.Generator().manual_seed(seed))
+    model = length_model(seed, dtype=torch.float32).train()
+    idx = random_tokens(seed, 4, CFG.n_seq)
     model(idx, idx).loss.backward()
     for p in (model.length_predictor.weight, model.length_predictor.bias):
         assert p.grad is not None and bool(torch.isfinite(p.grad).all())
         assert float(p.grad.abs().sum()) > 0
 
 
-@given(token_batches())
+@given(batches)
 def test_the_fallback_is_the_add_one_unigram_of_the_training_targets(idx):
     model = LengthAdaptiveModel(CFG).train()
     model(idx, idx)
@@ -206,9 +199,8 @@ def test_the_fallback_is_the_add_one_unigram_of_the_training_targets(idx):
 @given(seeds, st.floats(0.0, 2.0))
 def test_training_runs_at_full_length_and_charges_the_predictor_the_sampled_lengths_cost(
         seed, penalty):
-    model = deciding(tiny_model(seed, length_penalty=penalty), seed).train()
-    idx = torch.randint(0, CFG.vocab_size, (6, CFG.n_seq),
-                        generator=torch.Generator().manual_seed(seed))
+    model = deciding(length_model(seed, length_penalty=penalty), seed).train()
+    idx = random_tokens(seed, 6, CFG.n_seq)
     torch.manual_seed(seed)
     out = model(idx, idx)
     with torch.no_grad():
@@ -232,7 +224,7 @@ def test_predictor_training_moves_the_expected_length_towards_the_cheapest_bin(
     # Targets avoid token 0. A uniform fallback costs about as much as the random model, so a
     # large penalty makes the shortest bin cheapest; a fallback peaked on token 0 makes every
     # uncomputed position very costly, so without a penalty the full length is cheapest.
-    model = tiny_model(11, dtype=torch.float32, length_penalty=penalty)
+    model = length_model(11, dtype=torch.float32, length_penalty=penalty)
     with torch.no_grad():
         model.fallback_counts.fill_(1.0)
         model.fallback_counts[0] = fallback_peak
@@ -260,7 +252,7 @@ def test_predictor_training_moves_the_expected_length_towards_the_cheapest_bin(
 
 
 def test_bad_lengths_are_rejected_with_a_clear_error():
-    model = tiny_model(0)
+    model = length_model(0)
     idx = torch.zeros(2, 8, dtype=torch.int64)
     with pytest.raises(ValueError, match="lengths"):
         model.run_at_lengths(idx, torch.tensor([0, 4]))
@@ -323,9 +315,9 @@ def lengths_by_a_loop(model: LengthAdaptiveModel, idx: torch.Tensor) -> list[int
     return lengths
 
 
-@given(seeds, token_batches())
+@given(seeds, batches)
 def test_a_sequence_stops_at_the_first_boundary_whose_prefix_says_stop(seed, idx):
-    model = deciding(tiny_model(seed), seed)
+    model = deciding(length_model(seed), seed)
     with torch.no_grad():
         out = model(idx)
     assert out.stats["length"][:, 0].long().tolist() == lengths_by_a_loop(model, idx)
@@ -335,7 +327,7 @@ def test_a_sequence_stops_at_the_first_boundary_whose_prefix_says_stop(seed, idx
 def test_logits_at_a_position_never_depend_on_later_tokens(seed, i):
     # Half the sequences of a deciding predictor stop at some boundary; changing the tokens
     # after i must change nothing up to i: neither the model's logits nor the decision to stop.
-    model = deciding(tiny_model(seed), seed)
+    model = deciding(length_model(seed), seed)
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, CFG.vocab_size, (8, CFG.n_seq), generator=generator)
     changed = idx.clone()
@@ -349,8 +341,8 @@ def test_logits_at_a_position_never_depend_on_later_tokens(seed, i):
 @settings(max_examples=8)
 @given(seeds, st.integers(1, 4), st.integers(1, CFG.n_seq))
 def test_decoding_one_position_at_a_time_equals_the_forward_pass(seed, b, n):
-    model = deciding(tiny_model(seed), seed)
-    idx = torch.randint(0, CFG.vocab_size, (b, n), generator=torch.Generator().manual_seed(seed))
+    model = deciding(length_model(seed), seed)
+    idx = random_tokens(seed, b, n)
     with torch.no_grad():
         full = model(idx).logits
         state = model.init_state(b)
@@ -360,14 +352,14 @@ def test_decoding_one_position_at_a_time_equals_the_forward_pass(seed, b, n):
 
 
 def test_decoding_stops_computing_a_stopped_sequence():
-    model = deciding(tiny_model(1), 1)
+    model = deciding(length_model(1), 1)
     with torch.no_grad():
         model.length_predictor.bias.fill_(1.0)  # every sequence stops at the first boundary
     rows = []
     model.blocks[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     for block in model.blocks:
         block.step = _counting(block.step, rows)
-    idx = torch.randint(0, CFG.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    idx = random_tokens(0, 3, 20)
     with torch.no_grad():
         state = model.init_state(3)
         for t in range(20):
@@ -399,7 +391,7 @@ def no_predictor(model: LengthAdaptiveModel) -> LengthAdaptiveModel:
 @pytest.mark.parametrize("keep, length", [(1.0, 48), (0.5, 32), (0.3, 16), (0.1, 16),
                                           (0.75, 32)])
 def test_a_uniformly_forced_model_runs_every_sequence_at_the_same_bin(keep, length):
-    model = no_predictor(deciding(tiny_model(0)))
+    model = no_predictor(deciding(length_model(0)))
     idx = torch.randint(0, CFG.vocab_size, (3, CFG.n_seq))
     forced = model.forced(Forcing(keep))
     with torch.no_grad():
@@ -410,7 +402,7 @@ def test_a_uniformly_forced_model_runs_every_sequence_at_the_same_bin(keep, leng
 
 
 def test_a_per_token_forced_model_draws_lengths_per_sequence_at_the_requested_mean():
-    model = no_predictor(tiny_model(0))
+    model = no_predictor(length_model(0))
     b = 400
     idx = torch.randint(0, CFG.vocab_size, (b, CFG.n_seq))
     forced = model.forced(Forcing(0.6, "per_token", seed=2))
@@ -425,7 +417,7 @@ def test_a_per_token_forced_model_draws_lengths_per_sequence_at_the_requested_me
     assert torch.equal(forced.forced_lengths(8, CFG.n_seq), forced.forced_lengths(8, CFG.n_seq))
 
 
-@given(seeds, token_batches(max_len=CFG.n_seq))
+@given(seeds, batches)
 def test_forcing_the_full_length_reproduces_a_fresh_model(seed, idx):
     torch.manual_seed(seed)
     model = LengthAdaptiveModel(CFG).eval()
@@ -434,10 +426,9 @@ def test_forcing_the_full_length_reproduces_a_fresh_model(seed, idx):
 
 
 def test_a_single_bin_makes_no_decision_and_has_no_predictor():
-    model = LengthAdaptiveModel(ModelConfig(vocab_size=17, d_model=16, n_layers=2, n_seq=16,
-                                            n_experts=2, d_expert=16, bk_channels=2))
+    model = LengthAdaptiveModel(replace(TINY, n_layers=2))  # n_seq = 16: one bin
     assert model.length_predictor is None and model.forced(Forcing(0.5)) is None
-    idx = torch.randint(0, 17, (2, 16))
+    idx = torch.randint(0, TINY.vocab_size, (2, TINY.n_seq))
     model.train()(idx, idx).loss.backward()
     with torch.no_grad():
         assert bool((model.eval()(idx).stats["length"] == 16).all())

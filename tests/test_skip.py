@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from bk.model import BKBlock
 from bk.skip import Subset, run_block, step_block
 from tests.strategies import TINY as CFG
+from tests.strategies import seeds
 
 F64 = torch.float64
 
@@ -43,7 +44,7 @@ def expected_mask(mask: torch.Tensor, kind: str, k: int) -> torch.Tensor:
 kinds = st.sampled_from(["where", "capacity"])
 
 
-@given(masks(), kinds, st.integers(0, 12), st.integers(0, 2**16))
+@given(masks(), kinds, st.integers(0, 12), seeds)
 def test_gather_then_scatter_puts_every_row_back_where_it_came_from(mask, kind, k, seed):
     k = min(k, mask.shape[1])
     subset = subsets(mask, kind, k)
@@ -127,7 +128,7 @@ def masked_dense(block: BKBlock, x: torch.Tensor, ran: torch.Tensor, fill: str, 
 
 
 @given(masks(max_len=10), kinds, st.integers(0, 10), st.sampled_from(["zero", "carry"]),
-       st.sampled_from(["ran", "all"]), st.integers(0, 2**16))
+       st.sampled_from(["ran", "all"]), seeds)
 def test_a_block_on_a_subset_equals_the_masked_dense_block_in_value_and_gradient(
         mask, kind, k, fill, readout, seed):
     k = min(k, mask.shape[1])
@@ -149,7 +150,7 @@ def test_a_block_on_a_subset_equals_the_masked_dense_block_in_value_and_gradient
             torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
 
 
-@given(st.integers(1, 3), st.integers(1, 10), st.integers(0, 2**16))
+@given(st.integers(1, 3), st.integers(1, 10), seeds)
 def test_a_block_on_every_row_is_the_dense_block(b, n, seed):
     block, x = block_and_input(seed, b, n)
     out, balance = run_block(block, x, Subset.all(b * n))
@@ -158,7 +159,7 @@ def test_a_block_on_every_row_is_the_dense_block(b, n, seed):
     torch.testing.assert_close(balance, dense_balance)
 
 
-@given(masks(max_len=10), st.sampled_from(["zero", "carry"]), st.integers(0, 2**16))
+@given(masks(max_len=10), st.sampled_from(["zero", "carry"]), seeds)
 def test_a_straight_through_gate_changes_no_value_and_carries_the_exact_gradient(
         mask, fill, seed):
     block, x = block_and_input(seed, *mask.shape)
@@ -175,7 +176,7 @@ def test_a_straight_through_gate_changes_no_value_and_carries_the_exact_gradient
     torch.testing.assert_close(got, want[mask.reshape(-1)], rtol=1e-9, atol=1e-12)
 
 
-@given(masks(max_len=10), kinds, st.integers(1, 10), st.booleans(), st.integers(0, 2**16))
+@given(masks(max_len=10), kinds, st.integers(1, 10), st.booleans(), seeds)
 def test_a_scaled_block_adds_the_scaled_update_to_the_rows_that_ran(mask, kind, k, scaled, seed):
     k = min(k, mask.shape[1])
     block, x = block_and_input(seed, *mask.shape)
@@ -189,7 +190,7 @@ def test_a_scaled_block_adds_the_scaled_update_to_the_rows_that_ran(mask, kind, 
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
 
-@given(masks(max_len=10), kinds, st.booleans(), st.integers(0, 2**16))
+@given(masks(max_len=10), kinds, st.booleans(), seeds)
 def test_stepping_positions_with_step_block_computes_what_run_block_computes(mask, kind, scaled,
                                                                            seed):
     # Per position a subset of the batch runs (capacity 1 of the position's own decisions, or

@@ -2,6 +2,7 @@
 
 import inspect
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,13 +17,13 @@ from bk.adaptive.sparsity import (
     slots,
     strided,
 )
-from bk.model import BKBlock, DecodeState, LanguageModel, ModelConfig
+from bk.model import BKBlock, DecodeState, LanguageModel
 from bk.skip import carry_previous
 from bk.technique import Forcing, KnobError
 from tests.strategies import TINY as CFG
+from tests.strategies import float64_model, random_tokens, seeds
 
 F64 = torch.float64
-seeds = st.integers(0, 2**31 - 1)
 capacities = st.sampled_from([None, 0.25, 0.5, 1.0])
 
 
@@ -69,18 +70,12 @@ def reference_block(block: BKBlock, x: torch.Tensor, mask: torch.Tensor
 
 def sparse_model(seed: int, weight_scale: float = 1.0, **knobs) -> SparseLanguageModel:
     """A float64 sparse model whose predictors are random, so decisions vary by position."""
-    torch.manual_seed(seed)
-    model = SparseLanguageModel(CFG, **knobs).double()
+    model = float64_model(seed, SparseLanguageModel, **knobs)
     with torch.no_grad():
         for predictor in model.importance:
             predictor.weight.normal_(std=weight_scale)
             predictor.bias.normal_()
-    return model.eval()
-
-
-def tokens(seed: int, batch: int, length: int) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (batch, length),
-                         generator=torch.Generator().manual_seed(seed))
+    return model
 
 
 def block_input(seed: int, batch: int, length: int) -> torch.Tensor:
@@ -166,7 +161,7 @@ def test_a_training_block_equals_the_dense_reference_in_value_and_gradient(
 @given(batch=st.integers(1, 3), length=st.integers(1, 12), capacity=capacities, seed=seeds)
 def test_the_model_equals_the_reference_and_reports_what_ran(batch, length, capacity, seed):
     model = sparse_model(seed, capacity=capacity)
-    idx = tokens(seed, batch, length)
+    idx = random_tokens(seed, batch, length)
     rows = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
              for block in model.blocks for m in (block.norm, block.moe, block.potential)]
@@ -193,7 +188,7 @@ def test_the_model_equals_the_reference_and_reports_what_ran(batch, length, capa
 @given(length=st.integers(1, 16), capacity=capacities, seed=seeds)
 def test_a_prefix_is_computed_as_it_is_inside_the_longer_sequence(length, capacity, seed):
     model = sparse_model(seed, capacity=capacity)
-    idx = tokens(seed, 2, CFG.n_seq)
+    idx = random_tokens(seed, 2, CFG.n_seq)
     with torch.no_grad():
         whole, prefix = model(idx), model(idx[:, :length])
     torch.testing.assert_close(prefix.logits, whole.logits[:, :length], rtol=1e-10, atol=1e-10)
@@ -232,7 +227,7 @@ def test_carry_is_the_value_at_the_last_computed_position_before(batch, length, 
 def test_no_position_sees_a_later_token(length, capacity, data, seed):
     model = sparse_model(seed, capacity=capacity)
     cut = data.draw(st.integers(0, length - 2), label="last unperturbed position")
-    idx = tokens(seed, 2, length)
+    idx = random_tokens(seed, 2, length)
     changed = idx.clone()
     changed[:, cut + 1:] = (idx[:, cut + 1:] + 1) % CFG.vocab_size
     with torch.no_grad():
@@ -246,7 +241,7 @@ def test_no_position_sees_a_later_token(length, capacity, data, seed):
 @given(batch=st.integers(1, 3), length=st.integers(1, 16), capacity=capacities, seed=seeds)
 def test_step_by_step_decoding_equals_the_forward_pass(batch, length, capacity, seed):
     model = sparse_model(seed, capacity=capacity)
-    idx = tokens(seed, batch, length)
+    idx = random_tokens(seed, batch, length)
     with torch.no_grad():
         expected = model(idx).logits
         state = model.init_state(batch)
@@ -271,7 +266,7 @@ def test_decoding_needs_its_own_state():
 @given(length=st.integers(1, 12), seed=seeds)
 def test_evaluation_is_deterministic(length, seed):
     model = sparse_model(seed)
-    idx = tokens(seed, 2, length)
+    idx = random_tokens(seed, 2, length)
     first, second = model(idx), model(idx)
     assert torch.equal(first.logits, second.logits)
     assert torch.equal(first.stats["sparsity"], second.stats["sparsity"])
@@ -279,11 +274,10 @@ def test_evaluation_is_deterministic(length, seed):
 
 @pytest.mark.parametrize("capacity", [None, 1.0])
 def test_a_model_that_computes_everywhere_is_the_dense_model(capacity):
-    torch.manual_seed(0)
-    dense = LanguageModel(CFG).double().eval()
+    dense = float64_model(0)
     model = SparseLanguageModel(CFG, capacity=capacity).double().eval()
     model.load_state_dict(dense.state_dict(), strict=False)  # predictors: logit 3, compute
-    idx = tokens(0, 3, 16)
+    idx = random_tokens(0, 3, 16)
     got, expected = model(idx), dense(idx)
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-12, atol=1e-12)
     assert got.work == expected.work
@@ -311,22 +305,20 @@ def test_the_training_mask_is_hard_with_a_straight_through_gradient():
 
 @pytest.mark.parametrize("capacity", [None, 0.5])
 def test_the_task_loss_gradient_reaches_every_predictor(capacity):
-    cfg = ModelConfig(**{**CFG.__dict__, "balance_weight": 0.0})
-    torch.manual_seed(0)
-    model = SparseLanguageModel(cfg, sparsity_weight=0.0, capacity=capacity).double().train()
+    model = float64_model(0, SparseLanguageModel, replace(CFG, balance_weight=0.0),
+                          sparsity_weight=0.0, capacity=capacity).train()
     with torch.no_grad():
         for predictor in model.importance:
             predictor.bias.zero_()  # about half the positions compute
-    idx = tokens(0, 4, 16)
+    idx = random_tokens(0, 4, 16)
     model(idx, idx).loss.backward()
     for predictor in model.importance:
         assert float(predictor.weight.grad.abs().sum()) > 0
 
 
 def test_the_sparsity_loss_pulls_the_skip_rate_towards_the_target():
-    torch.manual_seed(0)
-    model = SparseLanguageModel(CFG, target_sparsity=0.75).double().train()  # skips ~5%
-    idx = tokens(0, 4, 16)
+    model = float64_model(0, SparseLanguageModel, target_sparsity=0.75).train()  # skips ~5%
+    idx = random_tokens(0, 4, 16)
     out = model(idx, idx)
     assert set(out.aux) == {"balance", "sparsity"}
     out.aux["sparsity"].backward()
@@ -408,7 +400,7 @@ def test_forced_uniform_runs_evenly_strided_positions_without_predictors(
     model = sparse_model(seed, capacity=capacity)
     forced = model.forced(Forcing(keep, "uniform"))
     assert model.forcing is None and forced.forcing == Forcing(keep, "uniform")
-    idx = tokens(seed, batch, length)
+    idx = random_tokens(seed, batch, length)
     hooks = failing_hooks(model)
     try:
         with torch.no_grad():
@@ -430,7 +422,7 @@ def test_forced_per_token_draws_every_position_and_layer_independently(batch, le
                                                                       seed):
     model = sparse_model(seed)
     forcing = Forcing(keep, "per_token", seed=seed)
-    idx = tokens(seed, batch, length)
+    idx = random_tokens(seed, batch, length)
     hooks = failing_hooks(model)
     try:
         with torch.no_grad():
@@ -451,7 +443,7 @@ def test_forced_per_token_draws_every_position_and_layer_independently(batch, le
 def test_the_per_token_rate_is_the_requested_one():
     model = SparseLanguageModel(CFG).eval()
     with torch.no_grad():
-        out = model.forced(Forcing(0.3, "per_token"))(tokens(0, 16, 16))
+        out = model.forced(Forcing(0.3, "per_token"))(random_tokens(0, 16, 16))
     rate = out.work.token_layers / (16 * 16 * CFG.n_layers)
     assert abs(rate - 0.3) < 0.05  # 768 draws: 4 standard deviations
 
@@ -460,7 +452,7 @@ def test_the_per_token_rate_is_the_requested_one():
 def test_forced_equals_learned_when_the_predictors_make_the_same_decisions(keep):
     model = sparse_model(0)
     model.importance = nn.ModuleList(Pattern(strided(16, keep)) for _ in range(CFG.n_layers))
-    idx = tokens(0, 3, 16)
+    idx = random_tokens(0, 3, 16)
     with torch.no_grad():
         learned, forced = model(idx), model.forced(Forcing(keep))(idx)
     torch.testing.assert_close(forced.logits, learned.logits, rtol=1e-12, atol=1e-12)
