@@ -120,7 +120,7 @@ def cumulative_source(names: Iterable[str], counts: Callable[[str], bool],
     counting = [name for name in names if counts(name)]
     if not counting:
         return None
-    fastest = max(counting, key=speedup)
+    fastest = min(counting, key=lambda name: (-speedup(name), name))
     return fastest if speedup(fastest) > 1 else None
 
 

@@ -20,6 +20,7 @@ work matches the work it really ran (``realised_ceilings``).
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.measure import Speedup, Workload
+from bench.measure import Clock, Speedup, Workload
 from bench.registry import REFERENCE, Technique
 from bench.rows import PATTERNS, Row
 from bk.model import LanguageModel, ModelConfig, Work
@@ -123,12 +124,13 @@ def matching_keep(model: TechniqueModel, dense: nn.Module, pattern: str, target:
 
 def measure_ceiling(name: str, scale: str, dense: nn.Module, model: TechniqueModel,
                     forcing: Forcing, workload: Workload, cfg: ModelConfig, passes: int = 3,
-                    after_round: Callable[[], None] | None = None) -> Ceiling | None:
+                    after_round: Callable[[], None] | None = None,
+                    clock: Clock = time.perf_counter) -> Ceiling | None:
     """The ceiling of ``model`` forced by ``forcing``; None if it makes no decisions."""
     forced = model.forced(forcing)
     if forced is None:
         return None
-    speed = workload.paired(dense, forced, passes=passes, after_round=after_round)
+    speed = workload.paired(dense, forced, passes=passes, after_round=after_round, clock=clock)
     work, _ = workload.account(forced)
     dense_work, _ = workload.account(dense)
     return Ceiling(name, scale, forcing.pattern, forcing.keep, speed, work, dense_work,
@@ -152,7 +154,8 @@ def ceilings(techniques: Iterable[Technique], cfg: ModelConfig, workload: Worklo
 
 def realised_ceilings(candidate: nn.Module, reference: nn.Module, row: Row,
                       workload: Workload, *, passes: int = 3,
-                      after_round: Callable[[], None] | None = None) -> dict[str, Any]:
+                      after_round: Callable[[], None] | None = None,
+                      clock: Clock = time.perf_counter) -> dict[str, Any]:
     """The ceiling fields of a trained technique's ``row``: in each pattern, the keep rate at
     which its forced model executes the work ``row`` measured (``row.work_ratio``) and the
     forced model's speedup over ``reference`` there. A model that makes no decisions has its
@@ -165,7 +168,8 @@ def realised_ceilings(candidate: nn.Module, reference: nn.Module, row: Row,
     for pattern in PATTERNS:
         keep = matching_keep(candidate, reference, pattern, row.work_ratio, workload, cfg)
         forced = candidate.forced(Forcing(keep, pattern))
-        speed = workload.paired(reference, forced, passes=passes, after_round=after_round)
+        speed = workload.paired(reference, forced, passes=passes, after_round=after_round,
+                                clock=clock)
         figures[f"keep_{pattern}"] = keep
         figures[f"ceiling_{pattern}"] = speed.speedup
     return figures
