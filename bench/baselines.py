@@ -7,9 +7,16 @@ missing field or a non-finite figure is an error naming the file. A commit is re
 a clean working tree (or, explicitly, as ``<sha>-dirty``), and ``check`` compares only
 measurements taken with the record's setup on the record's kind of machine.
 
+A record is of one model scale (``setup.scale``; records of schema 1 predate scales and are
+all ``tiny``): the history and the check are per scale, and a comparison never mixes scales.
+
 The cumulative speedup of a record is a measured figure: the wall speedup of the ``combined``
-technique when one is registered, otherwise the best single technique within the quality budget
-(a stack of one), otherwise 1.0. Speedups are never multiplied on paper.
+technique when it is within the quality budget, otherwise the fastest technique within budget
+that beats the dense model (a stack of one), otherwise 1.0 (``cumulative_source``, which the
+asv suite's cumulative benchmark applies too). Speedups are never multiplied on paper.
+
+Schema 2 (rows of ``bench.rows.Row``): ``scale`` at the top and in ``setup``; each technique's
+entry is its row's JSON form (``Row.to_dict``). Schema 1 records stay readable.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import os
 import platform
 import secrets
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +35,7 @@ from typing import Any
 import torch
 
 from bench.files import dump_json, read_json, write_new
-from bench.measure import Comparison
+from bench.rows import Row, RowError
 
 BASELINES = Path(__file__).resolve().parent.parent / "baselines"
 COMBINED = "combined"
@@ -101,52 +108,76 @@ def machine() -> dict[str, Any]:
             "torch_threads": 1}
 
 
-def cumulative(techniques: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The realized cumulative speedup: the combined model when it is within the quality budget,
-    otherwise the fastest technique within budget that beats the dense model, otherwise 1.0x.
-    The combined model's own figures are kept beside it either way."""
-    combined = techniques.get(COMBINED)
-    counting = {name: row for name, row in techniques.items()
-                if row["counts"] and row["wall_speedup"] > 1}
-    if combined is not None and combined["counts"]:
-        result = {"speedup": combined["wall_speedup"], "counts": True, "source": COMBINED}
-    elif counting:
-        name = max(counting, key=lambda n: counting[n]["wall_speedup"])
-        result = {"speedup": counting[name]["wall_speedup"], "counts": True, "source": name}
-    else:
+def cumulative_source(names: Iterable[str], counts: Callable[[str], bool],
+                      speedup: Callable[[str], float]) -> str | None:
+    """The technique whose wall speedup is the cumulative one: ``combined`` when it is among
+    ``names`` and within the quality budget, otherwise the fastest technique within budget if
+    it beats the dense model, otherwise None (the dense model: 1.0x). ``counts`` and
+    ``speedup`` are asked lazily, so a caller measuring them asks only what it needs."""
+    names = list(names)
+    if COMBINED in names and counts(COMBINED):
+        return COMBINED
+    counting = [name for name in names if counts(name)]
+    if not counting:
+        return None
+    fastest = min(counting, key=lambda name: (-speedup(name), name))
+    return fastest if speedup(fastest) > 1 else None
+
+
+def cumulative(rows: Mapping[str, Row]) -> dict[str, Any]:
+    """The realised cumulative speedup of measured rows (``cumulative_source``); the combined
+    model's own figures are kept beside it either way."""
+    source = cumulative_source(rows, lambda name: bool(rows[name].counts),
+                               lambda name: rows[name].wall_speedup)
+    if source is None:
         result = {"speedup": 1.0, "counts": True,
                   "source": "dense (no technique within budget is faster)"}
+    else:
+        result = {"speedup": rows[source].wall_speedup, "counts": True, "source": source}
+    combined = rows.get(COMBINED)
     if combined is not None:
-        result["combined"] = {key: combined[key] for key in
-                              ("wall_speedup", "quality_delta", "counts")}
+        result["combined"] = {"wall_speedup": combined.wall_speedup,
+                              "quality_delta": combined.quality_delta,
+                              "counts": bool(combined.counts)}
     return result
 
 
-def make_record(comparisons: list[Comparison], setup: dict[str, Any], target: Target,
+def make_record(rows: Sequence[Row], setup: dict[str, Any], target: Target,
                 commit: str) -> dict[str, Any]:
-    techniques: dict[str, dict[str, Any]] = {}
-    for c in comparisons:
-        techniques[c.name] = {
-            "wall_speedup": c.wall_speedup, "wall_q1": c.speed.q1, "wall_q3": c.speed.q3,
-            "rounds": c.speed.rounds, "flops_speedup": c.flops_speedup,
-            "work_ratio": c.work_ratio, "quality_delta": c.quality_delta,
-            "perplexity": c.quality_candidate.perplexity if c.quality_candidate else None,
-            "counts": target.counts(c.quality_delta),
-        }
-    reference = next((c.quality_reference for c in comparisons if c.quality_reference), None)
+    """A schema-2 record of ``rows``, all of the setup's scale."""
+    scale = setup.get("scale")
+    other = sorted({row.scale for row in rows} - {scale})
+    if other:
+        raise ValueError(f"a record is of one scale: rows of scale {', '.join(other)} in a "
+                         f"record of scale {scale!r}")
+    techniques = {row.technique: row for row in rows}
+    reference = next((row.reference_perplexity for row in rows
+                      if row.reference_perplexity is not None), None)
     return {
-        "schema": 1,
+        "schema": 2,
         "commit": commit,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "torch": torch.__version__,
+        "scale": scale,
         "setup": setup,
-        "dense_perplexity": reference.perplexity if reference else None,
-        "techniques": techniques,
+        "dense_perplexity": reference,
+        "techniques": {name: row.to_dict() for name, row in techniques.items()},
         "cumulative": cumulative(techniques),
         "target": {"cumulative_speedup": target.cumulative_speedup,
                    "quality_budget": target.quality_budget},
     }
+
+
+def record_scale(rec: Mapping[str, Any]) -> str:
+    """The scale a record was measured at; schema-1 records predate scales: all tiny."""
+    return rec["scale"] if rec.get("schema") == 2 else "tiny"
+
+
+def record_rows(rec: Mapping[str, Any], where: str = "the record") -> dict[str, Row]:
+    """The rows of a schema-2 record by technique."""
+    return {name: Row.from_dict(row, f"{where}: technique {name!r}", record_scale(rec))
+            for name, row in rec["techniques"].items()}
 
 
 def records_dir(root: Path = BASELINES) -> Path:
@@ -164,9 +195,10 @@ def _finite(value: Any, where: str, positive: bool = False, optional: bool = Fal
 
 
 def validate_record(rec: Any, where: str) -> dict[str, Any]:
-    """``rec`` if it is a well-formed schema-1 record; else ``ValueError`` naming the field."""
-    if not isinstance(rec, dict) or rec.get("schema") != 1:
-        raise ValueError(f"{where} is not a bk-bench baseline record (schema 1)")
+    """``rec`` if it is a well-formed record of schema 1 or 2; else ``ValueError`` naming the
+    field."""
+    if not isinstance(rec, dict) or rec.get("schema") not in (1, 2):
+        raise ValueError(f"{where} is not a bk-bench baseline record (schema 1 or 2)")
     for name, kind in (("commit", str), ("date", str), ("techniques", dict),
                        ("cumulative", dict)):
         if not isinstance(rec.get(name), kind):
@@ -176,6 +208,35 @@ def validate_record(rec: Any, where: str) -> dict[str, Any]:
     for name in ("setup", "machine"):  # needed to compare with it (``setup_differences``)
         if not isinstance(rec.get(name, {}), dict):
             raise ValueError(f"{where}: field {name!r} is not an object")
+    if rec["schema"] == 2:
+        _validate_rows(rec, where)
+    else:
+        _validate_schema_1_rows(rec, where)
+    cum = rec["cumulative"]
+    _finite(cum.get("speedup"), f"{where}: cumulative speedup", positive=True)
+    if not isinstance(cum.get("counts"), bool) or not isinstance(cum.get("source"), str):
+        raise ValueError(f"{where}: cumulative needs 'counts' (true/false) and 'source' (text)")
+    return rec
+
+
+def _validate_rows(rec: dict[str, Any], where: str) -> None:
+    scale = rec.get("scale")
+    if not isinstance(scale, str) or (rec.get("setup") or {}).get("scale") != scale:
+        raise ValueError(f"{where}: field 'scale' is {scale!r}; expected the scale its setup "
+                         f"names ({(rec.get('setup') or {}).get('scale')!r})")
+    try:
+        rows = record_rows(rec, where)
+    except RowError as err:
+        raise ValueError(str(err)) from None
+    for name, row in rows.items():
+        if row.technique != name or row.scale != scale or row.counts is None:
+            raise ValueError(f"{where}: technique {name!r} holds a row of technique "
+                             f"{row.technique!r} at scale {row.scale!r} with counts "
+                             f"{row.counts!r}; expected {name!r} at {scale!r}, counts true or "
+                             "false")
+
+
+def _validate_schema_1_rows(rec: dict[str, Any], where: str) -> None:
     for name, row in rec["techniques"].items():
         what = f"{where}: technique {name!r}"
         if not isinstance(row, dict):
@@ -185,11 +246,6 @@ def validate_record(rec: Any, where: str) -> dict[str, Any]:
             _finite(row.get(key), f"{what} {key}", optional=True)
         if not isinstance(row.get("counts"), bool):
             raise ValueError(f"{what} counts is {row.get('counts')!r}; expected true or false")
-    cum = rec["cumulative"]
-    _finite(cum.get("speedup"), f"{where}: cumulative speedup", positive=True)
-    if not isinstance(cum.get("counts"), bool) or not isinstance(cum.get("source"), str):
-        raise ValueError(f"{where}: cumulative needs 'counts' (true/false) and 'source' (text)")
-    return rec
 
 
 def record(rec: dict[str, Any], root: Path = BASELINES) -> Path:
@@ -216,9 +272,9 @@ def records(root: Path = BASELINES) -> list[tuple[Path, dict[str, Any]]]:
     return [(path, validate_record(read_json(path), str(path))) for path in paths]
 
 
-def history(root: Path = BASELINES) -> list[dict[str, Any]]:
-    """All records, oldest first (see ``records``)."""
-    return [rec for _, rec in records(root)]
+def history(root: Path = BASELINES, scale: str | None = None) -> list[dict[str, Any]]:
+    """All records (of ``scale`` when given), oldest first (see ``records``)."""
+    return [rec for _, rec in records(root) if scale is None or record_scale(rec) == scale]
 
 
 COMPARED_MACHINE = ("cpu", "cores", "torch", "torch_threads")
@@ -238,6 +294,26 @@ def setup_differences(rec: Mapping[str, Any], setup: Mapping[str, Any],
     return differ
 
 
+def latest_comparable(history: Sequence[tuple[Path, dict[str, Any]]],
+                      setup: Mapping[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The latest record of ``setup``'s scale measured with ``setup`` on this kind of machine;
+    ``ValueError`` saying why there is none (no record of the scale, or how the latest one of
+    the scale differs)."""
+    scale = setup.get("scale")
+    same_scale = [(path, rec) for path, rec in history if record_scale(rec) == scale]
+    if not same_scale:
+        raise ValueError(f"no baseline record at scale {scale!r} to check against; run "
+                         f"`bk-bench baseline record --scale {scale}` first")
+    for path, rec in reversed(same_scale):
+        if not setup_differences(rec, setup):
+            return path, rec
+    path, rec = same_scale[-1]
+    raise ValueError(f"no record at scale {scale!r} was measured with this setup: the latest, "
+                     f"{path}, was measured with another setup "
+                     f"({'; '.join(setup_differences(rec, setup))}); check with its setup, or "
+                     "record a new baseline")
+
+
 @dataclass(frozen=True)
 class CheckRow:
     technique: str
@@ -247,34 +323,38 @@ class CheckRow:
     problem: str | None
 
 
-def check(comparisons: list[Comparison], latest: dict[str, Any], target: Target, *,
+def check(rows: Sequence[Row], latest: dict[str, Any], target: Target, *,
           setup: Mapping[str, Any], tolerance: float | None = None) -> list[CheckRow]:
     """Compare fresh measurements with the latest record.
 
-    Measurements of another setup (``setup_differences``) are not comparable: ``ValueError``
-    naming the fields. A row fails when the speedup is not a finite number, falls more than
-    ``tolerance`` (relative) below the recorded one, or when a technique that counted toward
-    the target leaves the quality budget.
+    Measurements of another setup (``setup_differences``, the scale included) are not
+    comparable: ``ValueError`` naming the fields; nor are rows of another scale than the
+    record's. A row fails when the speedup falls more than ``tolerance`` (relative) below the
+    recorded one, or when a technique that counted toward the target leaves the quality budget.
     """
     differ = setup_differences(latest, setup)
     if differ:
         raise ValueError(f"the latest record (commit {latest['commit'][:10]}) was measured with "
                          f"another setup ({'; '.join(differ)}); measure with the record's "
                          "setup, or record a new baseline")
+    scale = record_scale(latest)
+    mixed = sorted({f"{row.technique} ({row.scale})" for row in rows if row.scale != scale})
+    if mixed:
+        raise ValueError(f"rows of another scale than the record's ({scale}): "
+                         f"{', '.join(mixed)}; a comparison never mixes scales")
     tolerance = target.check_tolerance if tolerance is None else tolerance
-    rows = []
-    for c in comparisons:
-        old = latest["techniques"].get(c.name)
+    checked = []
+    for row in rows:
+        old = latest["techniques"].get(row.technique)
         if old is None:
-            rows.append(CheckRow(c.name, float("nan"), c.wall_speedup, c.quality_delta, None))
+            checked.append(CheckRow(row.technique, float("nan"), row.wall_speedup,
+                                    row.quality_delta, None))
             continue
         problem = None
-        if not math.isfinite(c.wall_speedup):
-            problem = f"measured speedup is {c.wall_speedup}"
-        elif c.wall_speedup < old["wall_speedup"] * (1 - tolerance):
+        if row.wall_speedup < old["wall_speedup"] * (1 - tolerance):
             problem = f"speedup fell more than {tolerance:.0%}"
-        elif old["counts"] and not target.counts(c.quality_delta):
+        elif old["counts"] and not target.counts(row.quality_delta):
             problem = f"quality left the +{target.quality_budget:.0%} budget"
-        rows.append(CheckRow(c.name, old["wall_speedup"], c.wall_speedup, c.quality_delta,
-                             problem))
-    return rows
+        checked.append(CheckRow(row.technique, old["wall_speedup"], row.wall_speedup,
+                                row.quality_delta, problem))
+    return checked

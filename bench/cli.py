@@ -27,6 +27,8 @@ PLUGINS = {
     "report": ("bench.report", "write the static HTML report"),
     "calibrate": ("bench.calibrate", "false-alarm and detection rates of the CI gate, measured "
                                      "as it runs; chooses its factor and passes"),
+    "ceilings": ("bench.ceilings", "each technique's speedup with its decisions given for free, "
+                                   "at any scale (no training)"),
 }
 
 
@@ -109,14 +111,28 @@ def fraction(text: str) -> float:
     return value
 
 
+def scale_name(text: str) -> str:
+    """A model scale of ``bk.model.SCALES``."""
+    from bk.model import SCALES
+
+    if text not in SCALES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(SCALES)}, got {text!r}")
+    return text
+
+
 def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("workload and training")
     group.add_argument("--quick", action="store_true",
                        help="a small version: short training, part of the test split")
+    group.add_argument("--scale", type=scale_name, default="tiny",
+                       help="model size (bk.model.SCALES): tiny (default), small or base, each "
+                            "with its defaults for training steps, timed batches and rounds "
+                            "(bench.pipeline.SCALE_SETTINGS)")
     group.add_argument("--corpus", default="shakespeare",
                        help="shakespeare (default), synthetic, or text:PATH[:word]")
     group.add_argument("--steps", type=nonnegative_int,
-                       help="dense training steps (default 1500; quick 300)")
+                       help="dense training steps (default: the scale's, 1500 at tiny; quick "
+                            "300)")
     group.add_argument("--rounds", type=positive_int,
                        help="passes over the workload, timed interleaved batch by batch "
                             "(default 3; quick 12)")
@@ -136,7 +152,7 @@ def setup_from(args: argparse.Namespace) -> Setup:
         chosen["steps"] = args.steps
     if args.rounds is not None:
         chosen["rounds"] = args.rounds
-    return Setup.quick(**chosen) if args.quick else Setup(**chosen)
+    return (Setup.quick if args.quick else Setup.at_scale)(args.scale, **chosen)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -172,17 +188,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
-    from bench.baselines import Target
     from bench.pipeline import Bench
     from bench.run import frame, render
 
     bench = Bench(setup_from(args))
-    knobs = dict(args.knob or [])
-    c = bench.measure(args.technique, knobs)
-    print(render(frame([c], Target.load(), {c.name: knobs}),
-                 extra=[k for k in c.extra if k.startswith("mean_")]))
-    if c.speed.warning:
-        print(f"warning: {c.speed.warning}")
+    row = bench.measure(args.technique, dict(args.knob or []))
+    print(render(frame([row]), extra=list(row.stats)))
+    if row.noise_warning:
+        print(f"warning: {row.noise_warning}")
     return 0
 
 
@@ -206,35 +219,28 @@ def cmd_baseline(args: argparse.Namespace) -> int:
                                    baselines.BASELINES)
     setup = setup_from(args)
     if args.action == "check":  # refuse before measuring anything
-        history = baselines.records(root)
-        if not history:
-            raise ValueError("no baseline record to check against; run `bk-bench baseline "
-                             "record` first")
-        path, latest = history[-1]
-        differ = baselines.setup_differences(latest, setup.describe())
-        if differ:
-            raise ValueError(f"{path} was measured with another setup ({'; '.join(differ)}); "
-                             "check with the record's setup, or record a new baseline")
+        path, latest = baselines.latest_comparable(baselines.records(root), setup.describe())
     else:
         # The commit when the code was imported: the code measured (refused before measuring).
         commit = baselines.git_commit(allow_dirty=args.allow_dirty)
-    comparisons = [c for c in measure_all(Bench(setup), args.techniques) if c.name != "dense"]
+    rows = [r for r in measure_all(Bench(setup, target=target), args.techniques)
+            if r.technique != "dense"]
     if args.action == "record":
-        rec = baselines.make_record(comparisons, setup.describe(), target, commit)
+        rec = baselines.make_record(rows, setup.describe(), target, commit)
         path = baselines.record(rec, root)
         cum = rec["cumulative"]
         print(f"recorded {path} (cumulative {cum['speedup']:.2f}x from {cum['source']})")
         return 0
-    rows = baselines.check(comparisons, latest, target, setup=setup.describe(),
-                           tolerance=args.tolerance)
-    print(f"against {latest['commit'][:10]} ({latest['date']}):")
+    checked = baselines.check(rows, latest, target, setup=setup.describe(),
+                              tolerance=args.tolerance)
+    print(f"against {latest['commit'][:10]} ({latest['date']}, scale {setup.scale}):")
     print(f"{'technique':<16}{'recorded':>10}{'measured':>10}{'ppl delta':>11}  status")
-    for r in rows:
+    for r in checked:
         recorded = "new" if math.isnan(r.recorded) else f"{r.recorded:.2f}x"
         delta = "n/a" if r.quality_delta is None else f"{r.quality_delta:+.1%}"
         print(f"{r.technique:<16}{recorded:>10}{r.measured:>9.2f}x{delta:>11}  "
               f"{r.problem or 'ok'}")
-    return 1 if any(r.problem for r in rows) else 0
+    return 1 if any(r.problem for r in checked) else 0
 
 
 def add_allow_dirty(parser: argparse.ArgumentParser) -> None:

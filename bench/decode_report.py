@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from bench.cli import scale_name
 from bench.files import dump_json, write_atomic
 from bench.measure import paired_speedup, torch_threads
 from bk.decode import decode
@@ -45,7 +46,10 @@ def _ints(text: str) -> list[int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="the model to decode with (bk checkpoint); default: a randomly "
-                             "initialised ModelConfig() model")
+                             "initialised model of --scale")
+    parser.add_argument("--scale", type=scale_name, default="tiny",
+                        help="with no --checkpoint: the model size (bk.model.SCALES; default "
+                             "tiny)")
     parser.add_argument("--reward-checkpoint", type=Path, default=None,
                         help="the second model whose log-likelihood is the search reward; "
                              "default: an independently initialised model of the same config")
@@ -73,7 +77,7 @@ def _models(args: argparse.Namespace) -> tuple[LanguageModel, LanguageModel]:
         model, _ = load_model(args.checkpoint)
         cfg = model.cfg
     else:
-        cfg = ModelConfig()
+        cfg = ModelConfig.at_scale(args.scale)
         torch.manual_seed(args.seed)
         model = LanguageModel(cfg)
     if args.reward_checkpoint is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.baselines import COMBINED, Target
+from bench.baselines import cumulative_source
 from bench.files import dump_json, read_json, write_atomic
 from bench.measure import Call, Clock, Speedup, paired_speedup
 from bench.pipeline import Bench, Setup
@@ -51,10 +51,11 @@ def benchmarks() -> list[str]:
 
 
 def measured_techniques(benchmark: str) -> list[str]:
-    """The techniques a gated benchmark times against the dense model."""
+    """The techniques a gated benchmark may time against the dense model (the cumulative one:
+    any technique, ``measure_cumulative``)."""
     names = [name for name in techniques() if name != REFERENCE]
     if benchmark == CUMULATIVE:
-        return [COMBINED] if COMBINED in names else names
+        return names
     for name in names:
         if benchmark == technique_benchmark(name):
             return [name]
@@ -135,18 +136,29 @@ def measure_technique(b: Bench, name: str, passes: int, *, slowdown: float = 0.0
     return paired_speedup(dense, candidate, rounds=passes * len(workload.batches), clock=clock)
 
 
-def measure_cumulative(b: Bench, passes: int, *, slowdown: float = 0.0) -> Speedup:
-    """The combined model when registered, else the fastest technique within the quality
-    budget, else the dense model against itself."""
-    names = measured_techniques(CUMULATIVE)
-    if names != [COMBINED]:
-        target, budget = Target.load(), b.setup.quality_batches
-        names = [name for name in names if target.counts(
-            evaluate(b.candidate(name), b.corpus, max_batches=budget).perplexity
-            / evaluate(b.reference(name), b.corpus, max_batches=budget).perplexity - 1)]
-    speeds = [measure_technique(b, name, passes, slowdown=slowdown)
-              for name in names or [REFERENCE]]
-    return max(speeds, key=lambda s: s.speedup)
+def measure_cumulative(b: Bench, passes: int, *, slowdown: float = 0.0,
+                       measure: Callable[[str], Speedup] | None = None) -> Speedup:
+    """The speed of the records' cumulative figure (``baselines.cumulative_source``): the
+    combined model when it is within the quality budget, else the fastest technique within
+    budget if it beats the dense model, else the dense model against itself. Quality on
+    ``b.setup.quality_batches`` test batches; each technique is timed at most once
+    (``measure``: by default ``measure_technique``)."""
+    budget = b.setup.quality_batches
+
+    @functools.cache
+    def speed(name: str) -> Speedup:
+        if measure is not None:
+            return measure(name)
+        return measure_technique(b, name, passes, slowdown=slowdown)
+
+    def counts(name: str) -> bool:
+        delta = (evaluate(b.candidate(name), b.corpus, max_batches=budget).perplexity
+                 / evaluate(b.reference(name), b.corpus, max_batches=budget).perplexity - 1)
+        return b.target.counts(delta)
+
+    names = [name for name in techniques() if name != REFERENCE]
+    source = cumulative_source(names, counts, lambda name: speed(name).speedup)
+    return speed(REFERENCE if source is None else source)
 
 
 def measure(b: Bench, benchmark: str, passes: int, *, slowdown: float = 0.0) -> Speedup:

@@ -13,17 +13,20 @@ import math
 import statistics
 import time
 import timeit
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.rows import Row
 from bk.data import Corpus
-from bk.model import Work
-from bk.train import Evaluation, evaluate
+from bk.model import ModelConfig, Work
+from bk.technique import KnobValue
+from bk.train import evaluate
 
 NOISE_LIMIT = 0.10  # relative interquartile range above which a speedup is flagged as noisy
 
@@ -88,7 +91,8 @@ Clock = Callable[[], float]  # seconds since an arbitrary origin, like time.perf
 
 def paired_speedup(reference: Call | Sequence[Call], candidate: Call | Sequence[Call], *,
                    rounds: int = 7, warmup: int = 1, number: int = 1, threads: int = 1,
-                   clock: Clock = time.perf_counter) -> Speedup:
+                   clock: Clock = time.perf_counter,
+                   after_round: Callable[[], None] | None = None) -> Speedup:
     """Time ``reference`` and ``candidate`` alternately in this process and compare them.
 
     Either may be one callable or a sequence of paired callables (for example one per batch of
@@ -97,7 +101,8 @@ def paired_speedup(reference: Call | Sequence[Call], candidate: Call | Sequence[
     ``timeit.Timer(fn, timer=clock).timeit(number) / number`` (the standard library's timer:
     garbage collection paused); torch's benchmark Timer was not used because its ``timeit``
     runs extra warm-up calls inside every measurement. Tests pass a fake ``clock`` that the
-    callables advance, so every figure can be checked exactly.
+    callables advance, so every figure can be checked exactly. ``after_round`` runs after each
+    round (progress reporting), outside the timings.
     """
     refs = list(reference) if isinstance(reference, Sequence) else [reference]
     cands = list(candidate) if isinstance(candidate, Sequence) else [candidate]
@@ -124,6 +129,8 @@ def paired_speedup(reference: Call | Sequence[Call], candidate: Call | Sequence[
             t_ref.append(seconds[0])
             t_cand.append(seconds[1])
             ratios.append(seconds[0] / seconds[1])
+            if after_round is not None:
+                after_round()
     return Speedup(tuple(ratios), statistics.median(t_ref), statistics.median(t_cand))
 
 
@@ -172,10 +179,12 @@ class Workload:
         return [forward(x) for x in self.batches]
 
     def paired(self, reference: nn.Module, candidate: nn.Module, *, passes: int = 7,
-               threads: int = 1, clock: Clock = time.perf_counter) -> Speedup:
+               threads: int = 1, clock: Clock = time.perf_counter,
+               after_round: Callable[[], None] | None = None) -> Speedup:
         """Paired speedup over ``passes`` passes of the workload, interleaved batch by batch."""
         return paired_speedup(self.calls(reference), self.calls(candidate),
-                              rounds=passes * len(self.batches), threads=threads, clock=clock)
+                              rounds=passes * len(self.batches), threads=threads, clock=clock,
+                              after_round=after_round)
 
     @torch.no_grad()
     def account(self, model: nn.Module) -> tuple[Work, dict[str, float]]:
@@ -191,90 +200,43 @@ class Workload:
         return work, {f"mean_{name}": total / self.tokens for name, total in sums.items()}
 
 
-@dataclass
-class Comparison:
-    """One candidate against its reference on one workload."""
-
-    name: str
-    speed: Speedup
-    flops_reference: int
-    flops_candidate: int
-    work_reference: Work
-    work_candidate: Work
-    quality_reference: Evaluation | None = None
-    quality_candidate: Evaluation | None = None
-    extra: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def wall_speedup(self) -> float:
-        return self.speed.speedup
-
-    @property
-    def flops_speedup(self) -> float:
-        return self.flops_reference / max(1, self.flops_candidate)
-
-    @property
-    def work_ratio(self) -> float:
-        """Candidate's executed per-token work over the reference's (below 1: less work)."""
-        return self.work_candidate.token_layers / max(1, self.work_reference.token_layers)
-
-    @property
-    def quality_delta(self) -> float | None:
-        """Relative test-perplexity change, ``ppl_cand / ppl_ref - 1`` (positive is worse)."""
-        if self.quality_reference is None or self.quality_candidate is None:
-            return None
-        return self.quality_candidate.perplexity / self.quality_reference.perplexity - 1
-
-    def as_dict(self) -> dict[str, object]:
-        row: dict[str, object] = {
-            "technique": self.name,
-            "wall_speedup": self.wall_speedup,
-            "wall_q1": self.speed.q1,
-            "wall_q3": self.speed.q3,
-            "rounds": self.speed.rounds,
-            "t_reference_s": self.speed.t_reference,
-            "t_candidate_s": self.speed.t_candidate,
-            "noise_warning": self.speed.warning,
-            "flops_speedup": self.flops_speedup,
-            "flops_reference": self.flops_reference,
-            "flops_candidate": self.flops_candidate,
-            "work_ratio": self.work_ratio,
-            "token_layers": self.work_candidate.token_layers,
-            "expert_calls": self.work_candidate.expert_calls,
-            "positions": self.work_candidate.positions,
-            "quality_delta": self.quality_delta,
-        }
-        for prefix, ev in (("reference", self.quality_reference),
-                           ("candidate", self.quality_candidate)):
-            if ev is not None:
-                row[f"{prefix}_loss"] = ev.loss
-                row[f"{prefix}_perplexity"] = ev.perplexity
-                row[f"{prefix}_bits_per_token"] = ev.bits_per_token
-        row.update(self.extra)
-        return row
-
-
 def compare(name: str, reference: nn.Module, candidate: nn.Module, workload: Workload, *,
-            corpus: Corpus | None = None, rounds: int = 3, flop_batches: int = 2,
-            quality_batches: int | None = None, threads: int = 1,
-            clock: Clock = time.perf_counter) -> Comparison:
+            scale: str, knobs: Mapping[str, KnobValue] | None = None,
+            cfg: ModelConfig | None = None, corpus: Corpus | None = None, rounds: int = 3,
+            flop_batches: int = 2, quality_batches: int | None = None, threads: int = 1,
+            clock: Clock = time.perf_counter,
+            after_round: Callable[[], None] | None = None) -> Row:
     """Measure ``candidate`` against ``reference``: paired wall time, FLOPs, work, quality.
 
-    Wall time: ``rounds`` passes over the workload, interleaved batch by batch.
-    FLOPs are counted on the first ``flop_batches`` batches (the counter is slow); work over the
-    whole workload; quality on the test split of ``corpus`` when given.
+    Wall time: ``rounds`` passes over the workload, interleaved batch by batch
+    (``after_round`` runs after each timed round). FLOPs are counted on the first
+    ``flop_batches`` batches (the counter is slow); executed work over the whole workload, in
+    FLOPs of ``cfg`` (default: the reference's); quality on the test split of ``corpus`` when
+    given.
     """
-    speed = workload.paired(reference, candidate, passes=rounds, threads=threads, clock=clock)
+    cfg = reference.cfg if cfg is None else cfg
+    speed = workload.paired(reference, candidate, passes=rounds, threads=threads, clock=clock,
+                            after_round=after_round)
     sample = Workload(workload.name, workload.batches[:flop_batches])
     flops_ref = count_flops(lambda: sample.account(reference))
     flops_cand = count_flops(lambda: sample.account(candidate))
     work_ref, _ = workload.account(reference)
     work_cand, stats = workload.account(candidate)
-    comparison = Comparison(name, speed, flops_ref, flops_cand, work_ref, work_cand,
-                            extra=stats)
+    quality: dict[str, float] = {}
     if corpus is not None:
-        comparison.quality_reference = evaluate(reference, corpus, "test",
-                                                max_batches=quality_batches)
-        comparison.quality_candidate = evaluate(candidate, corpus, "test",
-                                                max_batches=quality_batches)
-    return comparison
+        ref, cand = (evaluate(m, corpus, "test", max_batches=quality_batches).perplexity
+                     for m in (reference, candidate))
+        quality = {"reference_perplexity": ref, "candidate_perplexity": cand,
+                   "quality_delta": cand / ref - 1}
+    return Row(technique=name, scale=scale, knobs=dict(knobs or {}), **speed_figures(speed),
+               flops_speedup=flops_ref / max(1, flops_cand),
+               work_ratio=work_cand.flops(cfg) / work_ref.flops(cfg),
+               token_layers=work_cand.token_layers, expert_calls=work_cand.expert_calls,
+               positions=work_cand.positions, stats=stats, **quality)
+
+
+def speed_figures(speed: Speedup) -> dict[str, Any]:
+    """The wall-time fields of a ``Row``."""
+    return {"wall_speedup": speed.speedup, "wall_q1": speed.q1, "wall_q3": speed.q3,
+            "rounds": speed.rounds, "noise_warning": speed.warning,
+            "t_reference_s": speed.t_reference, "t_candidate_s": speed.t_candidate}

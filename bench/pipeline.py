@@ -22,9 +22,11 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 import sys
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,44 +34,118 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.baselines import Target
+from bench.ceilings import makes_decisions, realised_ceilings
 from bench.files import locked
-from bench.measure import Comparison, Workload, compare
+from bench.measure import Workload, compare
+from bench.progress import Phase, Progress
 from bench.registry import REFERENCE, Technique, get
+from bench.rows import PATTERNS, Row
 from bk.data import Corpus, load_corpus
-from bk.model import LanguageModel, ModelConfig
-from bk.train import Evaluation, TrainConfig, evaluate, load_checkpoint, load_weights, train
+from bk.model import SCALES, LanguageModel, ModelConfig
+from bk.train import (
+    Evaluation,
+    TrainConfig,
+    evaluate,
+    evaluation_batches,
+    load_checkpoint,
+    load_weights,
+    train,
+)
 
 TRAINING_CODE = ("bk.train", "bk.data")  # every model's key covers these
 CONTROL = f"{REFERENCE}-control"
+CHECKPOINT_EVERY = 100  # training steps between the periodic checkpoints of a training
+CORES = os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    """How a run at one model scale (``bk.model.SCALES``) trains and measures by default."""
+
+    steps: int  # dense training steps
+    finetune_factor: float  # multiplies every technique's finetune_fraction
+    workload_batches: int | None  # test batches timed (None: the whole test split)
+    rounds: int  # passes over the timed batches
+    quality_batches: int | None  # test batches scored (None: the whole test split)
+    ceiling_batches: int  # of the timed batches, those the ceilings are timed on
+    train_threads: int  # torch threads while training (timing always runs on one)
+
+
+# Chosen so that `bk-bench run --scale S` (every technique, shakespeare, 32 x 128 batches) fits
+# its budget on a 2-core machine. tiny: about 0.1 s per training step, the whole test split
+# (124 batches) timed. small (d_model 256, 8 layers): about 0.6 s per training step on two
+# threads and 0.4 s per forward pass of a batch on one; 2000 dense steps (test 2.4 bits/char
+# at 1500), fine-tuning at two thirds of each technique's fraction (0.3 -> 0.2: 400 steps), 40
+# timed batches x 3 passes and quality on the whole test split: about two hours in all
+# (docs/scales.md). base (d_model 512) costs about four times small per token: an overnight run.
+SCALE_SETTINGS: dict[str, ScaleSettings] = {
+    "tiny": ScaleSettings(steps=1500, finetune_factor=1.0, workload_batches=None, rounds=3,
+                          quality_batches=None, ceiling_batches=20, train_threads=1),
+    "small": ScaleSettings(steps=2000, finetune_factor=2 / 3, workload_batches=40, rounds=3,
+                           quality_batches=None, ceiling_batches=6, train_threads=min(2, CORES)),
+    "base": ScaleSettings(steps=2000, finetune_factor=2 / 3, workload_batches=20, rounds=3,
+                          quality_batches=None, ceiling_batches=4, train_threads=min(2, CORES)),
+}
+QUICK = {"steps": 300, "rounds": 12, "workload_batches": 6, "quality_batches": 30,
+         "ceiling_batches": 2}
 
 
 @dataclass(frozen=True)
 class Setup:
-    """Everything a measurement depends on besides the code."""
+    """Everything a measurement depends on besides the code. ``Setup.at_scale`` gives a scale's
+    defaults (``SCALE_SETTINGS``); the field defaults are tiny's."""
 
     corpus: str = "shakespeare"
+    scale: str = "tiny"
     steps: int = 1500
+    finetune_factor: float = 1.0
     batch_size: int = 32
     seq_len: int = 128
     seed: int = 0
     rounds: int = 3  # passes over the workload, timed interleaved batch by batch
     workload_batches: int | None = None  # None: the whole test split
     quality_batches: int | None = None  # None: the whole test split
+    ceiling_batches: int = 20
+    train_threads: int = 1
     output: Path = Path("runs")
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"unknown scale {self.scale!r}; expected one of {', '.join(SCALES)}")
+        if not self.finetune_factor > 0 or self.train_threads < 1 or self.ceiling_batches < 1:
+            raise ValueError(f"invalid Setup: finetune_factor {self.finetune_factor} (> 0), "
+                             f"train_threads {self.train_threads} and ceiling_batches "
+                             f"{self.ceiling_batches} (>= 1)")
+
     @classmethod
-    def quick(cls, **overrides: Any) -> Setup:
-        """A small version that runs in a few minutes: short training, part of the test split."""
-        return replace(cls(steps=300, rounds=12, workload_batches=6, quality_batches=30),
-                       **overrides)
+    def at_scale(cls, scale: str = "tiny", **overrides: Any) -> Setup:
+        """The defaults of ``scale`` (``SCALE_SETTINGS``) with ``overrides``."""
+        if scale not in SCALE_SETTINGS:
+            raise ValueError(f"unknown scale {scale!r}; expected one of "
+                             f"{', '.join(SCALE_SETTINGS)}")
+        return cls(scale=scale, **{**asdict(SCALE_SETTINGS[scale]), **overrides})
+
+    @classmethod
+    def quick(cls, scale: str = "tiny", **overrides: Any) -> Setup:
+        """A small version that runs in a few minutes (at tiny): short training, part of the
+        test split."""
+        return cls.at_scale(scale, **{**QUICK, **overrides})
 
     def train_config(self, steps: int | None = None) -> TrainConfig:
         return TrainConfig(steps=self.steps if steps is None else steps,
-                           batch_size=self.batch_size, seed=self.seed)
+                           batch_size=self.batch_size, seed=self.seed,
+                           threads=self.train_threads)
 
     def model_config(self, corpus: Corpus, **overrides: Any) -> ModelConfig:
-        return ModelConfig(vocab_size=len(corpus.vocab), n_seq=self.seq_len, **overrides)
+        return ModelConfig.at_scale(self.scale, vocab_size=len(corpus.vocab), n_seq=self.seq_len,
+                                    **overrides)
+
+    def finetune_steps(self, technique: Technique) -> int:
+        """A technique's fine-tuning steps: its fraction of the dense steps, times the scale's
+        factor."""
+        return round(self.steps * technique.finetune_fraction * self.finetune_factor)
 
     def describe(self) -> dict[str, Any]:
         """The settings of a measurement, and the output folder (which does not change it)."""
@@ -255,17 +331,31 @@ class Plan:
 
 
 class Bench:
-    """Trained models and workloads for one ``Setup``, built lazily and cached on disk."""
+    """Trained models and workloads for one ``Setup``, built lazily and cached on disk.
 
-    def __init__(self, setup: Setup, corpus: Corpus | None = None) -> None:
-        """``corpus``: ``setup.corpus`` already loaded (loaded here when not given)."""
+    With ``progress`` (a ``Progress`` over the phases of ``job``), each training, timing,
+    evaluation and ceiling runs as its phase; a model served from the cache skips its phase.
+    """
+
+    def __init__(self, setup: Setup, corpus: Corpus | None = None, *,
+                 target: Target | None = None, progress: Progress | None = None) -> None:
+        """``corpus``: ``setup.corpus`` already loaded (loaded here when not given);
+        ``target``: whose quality budget decides if a row counts (default: the repository's)."""
         self.setup = setup
         self.corpus = load_corpus(setup.corpus) if corpus is None else corpus
+        self.progress = progress
+        self._target = target
         self._workload: Workload | None = None
         self._dense: LanguageModel | None = None
         self._dense_plan: Plan | None = None
         self._loaded: dict[str, nn.Module] = {}  # fine-tuned models, loaded once per Bench
         self._quality: dict[int, Evaluation] = {}  # by id() of a model this Bench holds
+
+    @property
+    def target(self) -> Target:
+        if self._target is None:
+            self._target = Target.load()
+        return self._target
 
     @property
     def checkpoints(self) -> Path:
@@ -278,6 +368,71 @@ class Bench:
                 self.corpus, batch_size=self.setup.batch_size, seq_len=self.setup.seq_len,
                 max_batches=self.setup.workload_batches)
         return self._workload
+
+    @property
+    def ceiling_workload(self) -> Workload:
+        """The first ``ceiling_batches`` timed batches: where ceilings are timed."""
+        batches = self.workload.batches[:self.setup.ceiling_batches]
+        return Workload(f"{self.workload.name} (first {len(batches)})", batches)
+
+    # -- progress ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _phase(self, name: str | None) -> Iterator[Callable[[int], None]]:
+        """Run the job's phase ``name``; without a job (or a name), nothing is reported."""
+        if self.progress is None or name is None:
+            yield lambda n=1: None
+        else:
+            with self.progress.phase(name) as advance:
+                yield advance
+
+    def job(self, names: Iterable[str], ceilings: bool = True) -> list[Phase]:
+        """The phases ``measure`` runs for the techniques ``names`` (at their default knobs),
+        after ``dense`` and ``quality(dense)``; trainings whose checkpoints exist are marked
+        skipped (entering one that turns out stale runs it after all)."""
+        steps_left = self.setup.train_config().steps
+        phases = [Phase(f"train {REFERENCE}", steps_left, "train",
+                        skipped=self.dense_plan().path.exists())]
+        evaluate_batches = evaluation_batches(self.corpus, "test", seq_len=self.setup.seq_len,
+                                              max_batches=self.setup.quality_batches)
+        rounds = self.setup.rounds * len(self.workload.batches)
+        ceiling_rounds = len(PATTERNS) * self.setup.rounds * len(self.ceiling_workload.batches)
+        timing = ("train", 2 / 3)  # a timed round: two forward passes, a third of a step each
+        evaluations, tail = [REFERENCE], []
+        for name in names:
+            technique = get(name)
+            reference = self.reference_name(technique)
+            decides = False
+            for model in (reference, name):
+                if model != REFERENCE and all(p.name != f"fine-tune {model}" for p in phases):
+                    plan, first = self._plan_of(model, technique)
+                    phases.append(Phase(f"fine-tune {model}", plan.train_config.steps, "train",
+                                        skipped=plan.path.exists()))
+                    decides = decides or (model == name and makes_decisions(first))
+            tail.append(Phase(f"measure {name}", rounds, "measure", "rounds",
+                              priced_like=timing))
+            evaluations += [m for m in (reference, name) if m not in evaluations]
+            if ceilings and decides:
+                tail.append(Phase(f"ceilings {name}", ceiling_rounds, "ceiling", "rounds",
+                                  priced_like=("measure", 1.0)))
+        phases += [Phase(f"quality {m}", evaluate_batches, "evaluate", "batches",
+                         priced_like=("train", 1 / 3)) for m in evaluations]
+        for phase in phases:
+            if phase.skipped:
+                phase.done = phase.units
+        return phases + tail
+
+    def _plan_of(self, model: str, technique: Technique) -> tuple[Plan, nn.Module]:
+        if model == CONTROL:
+            return self._finetune_plan(CONTROL, LanguageModel, self.finetune_steps(technique),
+                                       {}, ())
+        values = technique.resolve()
+        return self._finetune_plan(technique.name,
+                                   lambda config: technique.build(config, values),
+                                   self.finetune_steps(technique), values,
+                                   (technique.build, technique.schedule))
+
+    # -- models -----------------------------------------------------------------------------
 
     def plan(self, name: str, model_class: type, config: ModelConfig, train_config: TrainConfig,
              knobs: Mapping[str, Any], parent: Plan | None = None,
@@ -315,17 +470,35 @@ class Bench:
                 return LanguageModel(ModelConfig(**plan.request["config"]))
 
             def fit(model: nn.Module) -> None:
-                train(model, self.corpus, plan.train_config, checkpoint=plan.path,
-                      progress=self.setup.progress, desc="train dense",
-                      meta={"technique": REFERENCE, "request": plan.request})
+                self._train(model, plan, f"train {REFERENCE}",
+                            meta={"technique": REFERENCE, "request": plan.request})
 
-            self._dense = self._cached(plan, build, fit)
+            self._dense = self._cached(plan, build, fit, f"train {REFERENCE}")
         return self._dense
 
+    def _train(self, model: nn.Module, plan: Plan, phase: str, meta: dict[str, Any],
+               on_step: Callable[[int, nn.Module], None] | None = None) -> None:
+        """Train ``model`` as ``plan`` says, resuming from its periodic checkpoint if an earlier
+        run was interrupted, reporting each step to the phase ``phase``."""
+        with self._phase(phase) as advance:
+            last: list[int] = []
+
+            def after_step(done: int) -> None:
+                if not last and done > 1 and self.progress is not None:
+                    self.progress.resume(phase, done - 1)  # steps an earlier run took
+                advance(done - (last[0] if last else done - 1))
+                last[:] = [done]
+
+            train(model, self.corpus, plan.train_config, checkpoint=plan.path, resume=True,
+                  progress=self.setup.progress and self.progress is None, desc=phase,
+                  meta=meta, on_step=on_step, after_step=after_step,
+                  checkpoint_every=CHECKPOINT_EVERY)
+
     def _cached(self, plan: Plan, build: Callable[[], nn.Module],
-                fit: Callable[[nn.Module], None]) -> nn.Module:
+                fit: Callable[[nn.Module], None], phase: str) -> nn.Module:
         """The model of ``plan``: loaded from its checkpoint when that checks out against the
-        request, else built and trained (while holding the checkpoint's lock)."""
+        request (its phase skipped), else built and trained (while holding the checkpoint's
+        lock), resuming from the training's periodic checkpoint if there is one."""
         existed = plan.path.exists()
         with locked(plan.path, on_wait=lambda: note(
                 f"waiting for another process to finish training {plan.path}")):
@@ -335,8 +508,11 @@ class Bench:
                 if problem is None:
                     if not existed:
                         note(f"reusing {plan.path}, trained by another process meanwhile")
+                    if self.progress is not None:
+                        self.progress.skip(phase)
                     return model.eval()
                 note(f"{problem}; training it again")
+                plan.path.unlink()
                 model = build()
             fit(model)
         return model.eval()
@@ -366,6 +542,17 @@ class Bench:
             return str(err)
         return None
 
+    def _finetune_plan(self, name: str, build: Callable[[ModelConfig], nn.Module], steps: int,
+                       knobs: dict[str, Any], code: Iterable[Callable[..., Any] | None]
+                       ) -> tuple[Plan, nn.Module]:
+        """The plan of ``build`` fine-tuned ``steps`` steps from the dense model, and a freshly
+        built model (its class tells which code the key covers)."""
+        config = self.setup.model_config(self.corpus)
+        torch.manual_seed(self.setup.seed)  # the technique's new parameters
+        first = build(config)
+        return self.plan(name, type(first), config, self.setup.train_config(steps), knobs,
+                         self.dense_plan(), code), first
+
     def _finetuned(self, name: str, build: Callable[[ModelConfig], nn.Module], steps: int,
                    knobs: dict[str, Any],
                    schedule: Callable[[nn.Module, float], None] | None,
@@ -373,11 +560,7 @@ class Bench:
         """``build`` initialised from the trained dense model and trained ``steps`` more steps."""
         ident = json.dumps([name, knobs, steps], sort_keys=True, default=str)
         if ident not in self._loaded:
-            dense = self.dense()
-            torch.manual_seed(self.setup.seed)  # the technique's new parameters
-            first = build(dense.cfg)  # its class tells which code the key covers
-            plan = self.plan(name, type(first), dense.cfg, self.setup.train_config(steps), knobs,
-                             self.dense_plan(), code)
+            plan, first = self._finetune_plan(name, build, steps, knobs, code)
             self._loaded[ident] = self._train_or_load(plan, first, build, name, knobs, schedule)
         return self._loaded[ident]
 
@@ -385,16 +568,17 @@ class Bench:
                        build: Callable[[ModelConfig], nn.Module], name: str,
                        knobs: dict[str, Any],
                        schedule: Callable[[nn.Module, float], None] | None) -> nn.Module:
-        dense = self.dense()
         fresh = [first]
+        phase = f"fine-tune {name}"
 
         def initial() -> nn.Module:
             if fresh:
                 return fresh.pop()
             torch.manual_seed(self.setup.seed)
-            return build(dense.cfg)
+            return build(self.setup.model_config(self.corpus))
 
         def fit(model: nn.Module) -> None:
+            dense = self.dense()
             unexpected = model.load_state_dict(dense.state_dict(), strict=False).unexpected_keys
             if unexpected:
                 raise ValueError(f"technique {name!r} does not accept the dense weights "
@@ -405,17 +589,16 @@ class Bench:
                 if schedule is not None:
                     schedule(m, step / max(1, steps))
 
-            train(model, self.corpus, plan.train_config, checkpoint=plan.path,
-                  progress=self.setup.progress, desc=f"fine-tune {name}", on_step=on_step,
-                  meta={"technique": name, "knobs": knobs, "request": plan.request})
+            self._train(model, plan, phase, on_step=on_step,
+                        meta={"technique": name, "knobs": knobs, "request": plan.request})
 
-        model = self._cached(plan, initial, fit)
+        model = self._cached(plan, initial, fit, phase)
         if schedule is not None:
             schedule(model, 1.0)  # the state training ends in, whether trained or loaded
         return model.eval()
 
     def finetune_steps(self, technique: Technique) -> int:
-        return round(self.setup.steps * technique.finetune_fraction)
+        return self.setup.finetune_steps(technique)
 
     def candidate(self, technique: Technique | str,
                   knobs: Mapping[str, Any] | None = None) -> nn.Module:
@@ -428,29 +611,50 @@ class Bench:
                                self.finetune_steps(technique), values, technique.schedule,
                                code=(technique.build, technique.schedule))
 
+    def reference_name(self, technique: Technique) -> str:
+        """``dense``, or the dense control when the technique trains weights for some steps."""
+        if (technique.name == REFERENCE or self.finetune_steps(technique) == 0
+                or not technique.updates_weights):
+            return REFERENCE
+        return CONTROL
+
     def reference(self, technique: Technique | str) -> LanguageModel:
         """The dense model trained exactly as long as the technique: its fine-tuning steps
         continue the dense model too, so extra training is never credited to a technique."""
         technique = get(technique) if isinstance(technique, str) else technique
-        steps = self.finetune_steps(technique)
-        if technique.name == REFERENCE or steps == 0 or not technique.updates_weights:
+        if self.reference_name(technique) == REFERENCE:
             return self.dense()
-        return self._finetuned(CONTROL, LanguageModel, steps, {}, None)
+        return self._finetuned(CONTROL, LanguageModel, self.finetune_steps(technique), {}, None)
 
-    def measure(self, technique: Technique | str,
-                knobs: Mapping[str, Any] | None = None) -> Comparison:
+    def measure(self, technique: Technique | str, knobs: Mapping[str, Any] | None = None, *,
+                ceilings: bool = False) -> Row:
+        """The technique's row: timed against its reference, FLOPs and work counted, quality
+        scored (``counts`` against ``target``); with ``ceilings``, its ceilings at the keep rate
+        matching its measured work (``bench.ceilings.realised_ceilings``)."""
         technique = get(technique) if isinstance(technique, str) else technique
         candidate, reference = self.candidate(technique, knobs), self.reference(technique)
-        comparison = compare(technique.name, reference, candidate, self.workload,
-                             rounds=self.setup.rounds)
-        comparison.quality_reference = self.quality(reference)
-        comparison.quality_candidate = self.quality(candidate)
-        return comparison
+        with self._phase(f"measure {technique.name}") as advance:
+            row = compare(technique.name, reference, candidate, self.workload,
+                          scale=self.setup.scale, knobs=technique.resolve(knobs),
+                          rounds=self.setup.rounds, after_round=advance)
+        ref = self.quality(reference, self.reference_name(technique)).perplexity
+        cand = self.quality(candidate, technique.name).perplexity
+        row = replace(row, reference_perplexity=ref, candidate_perplexity=cand,
+                      quality_delta=cand / ref - 1, counts=self.target.counts(cand / ref - 1))
+        if not ceilings:
+            return row
+        phase = f"ceilings {technique.name}" if makes_decisions(candidate) else None
+        with self._phase(phase) as advance:
+            figures = realised_ceilings(candidate, reference, row, self.ceiling_workload,
+                                        passes=self.setup.rounds, after_round=advance)
+        return replace(row, **figures)
 
-    def quality(self, model: nn.Module) -> Evaluation:
+    def quality(self, model: nn.Module, name: str | None = None) -> Evaluation:
         """Test-split quality of a model this Bench holds, evaluated once (the dense control is
-        the reference of most techniques)."""
+        the reference of most techniques); ``name`` names its phase."""
         if id(model) not in self._quality:
-            self._quality[id(model)] = evaluate(model, self.corpus, "test",
-                                                max_batches=self.setup.quality_batches)
+            with self._phase(None if name is None else f"quality {name}") as advance:
+                self._quality[id(model)] = evaluate(model, self.corpus, "test",
+                                                    max_batches=self.setup.quality_batches,
+                                                    after_batch=advance)
         return self._quality[id(model)]

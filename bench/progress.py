@@ -31,6 +31,7 @@ class Phase:
     done: int = 0
     seconds: float = 0.0
     skipped: bool = False  # a cached result: nothing ran
+    resumed: int = 0  # units an earlier, interrupted job did: counted as done, not priced
     # Until a phase of this kind has run: one unit costs ``factor`` units of kind ``like``.
     priced_like: tuple[str, float] | None = None
 
@@ -75,9 +76,9 @@ class Progress:
         """Seconds per unit of ``kind`` seen so far (finished and running phases)."""
         seconds = units = 0.0
         for phase in self.phases:
-            if phase.kind == kind and not phase.skipped and phase.done:
+            if phase.kind == kind and not phase.skipped and phase.done > phase.resumed:
                 seconds += phase.seconds
-                units += phase.done
+                units += phase.done - phase.resumed
         return seconds / units if units else None
 
     def phase_left(self, phase: Phase) -> float | None:
@@ -104,8 +105,11 @@ class Progress:
     @contextmanager
     def phase(self, name: str) -> Iterator[Callable[[int], None]]:
         """Run the phase called ``name``; the body calls the yielded function after each unit
-        (with the number of units done since the last call, 1 by default)."""
+        (with the number of units done since the last call, 1 by default). A phase marked
+        skipped up front (a cache entry expected) that runs after all starts from zero."""
         phase = self._find(name)
+        if phase.skipped:
+            phase.skipped, phase.done = False, 0
         self._current, self._phase_start = phase, self.clock()
 
         def advance(n: int = 1) -> None:
@@ -119,6 +123,13 @@ class Progress:
         finally:
             phase.seconds = self.clock() - self._phase_start
             self._current = None
+
+    def resume(self, name: str, units: int) -> None:
+        """``units`` of phase ``name`` were done by an earlier, interrupted job (resumed from
+        its checkpoint): they count as done but do not price the remaining units."""
+        phase = self._find(name)
+        phase.resumed = min(phase.units, phase.resumed + units)
+        phase.done = min(phase.units, phase.done + units)
 
     def skip(self, name: str) -> None:
         """Mark a phase as served from a cache: nothing runs, no time is left in it."""

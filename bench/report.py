@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.baselines import BASELINES, Target, history
+from bench.baselines import BASELINES, Target, history, record_scale
 from bench.files import figure_writer, read_json, write_atomic
+from bench.rows import Row, knobs_text, pareto_front
 
 GAP_FLAG = 1.5  # FLOPs and wall speedups differing by more than this factor are flagged
 ASV_DEFAULT_THRESHOLD = 0.05  # asv's own default when no regressions_thresholds regex matches
@@ -43,54 +44,16 @@ def _number(value: Any, what: str, required: bool = False) -> float | None:
     return float(value)
 
 
-@dataclass(frozen=True)
-class TechniqueRow:
-    name: str
-    knobs: str
-    wall: float
-    wall_q1: float | None
-    wall_q3: float | None
-    flops: float | None
-    work_ratio: float | None
-    quality_delta: float | None
-    counts: bool | None
-    noise_warning: str | None
-    stats: dict[str, float]
-
-    @property
-    def gap(self) -> float | None:
-        """FLOPs speedup over wall speedup: 1 when the counted savings all reach the clock."""
-        return None if self.flops is None else self.flops / self.wall
-
-
-def technique_row(row: dict[str, Any], where: str) -> TechniqueRow:
-    name = str(row.get("technique", "?"))
-    what = f"{where}: technique {name!r}"
-    wall = _number(row.get("wall_speedup"), f"{what} wall_speedup", required=True)
-    q1 = _number(row.get("wall_q1"), f"{what} wall_q1")
-    q3 = _number(row.get("wall_q3"), f"{what} wall_q3")
-    if q1 is not None and q3 is not None and not q1 <= wall <= q3:
-        raise ValueError(f"{what}: the interquartile range [{q1}, {q3}] does not contain the "
-                         f"median wall speedup {wall}")
-    work = _number(row.get("work_ratio"), f"{what} work_ratio")
-    if work is not None and work <= 0:
-        raise ValueError(f"{what} work_ratio is {work}; expected a positive number")
-    stats = {k: _number(v, f"{what} {k}", required=True) for k, v in row.items()
-             if k.startswith("mean_") and v is not None}
-    counts = row.get("counts")
-    return TechniqueRow(
-        name=name, knobs=str(row.get("knobs") or ""), wall=wall, wall_q1=q1, wall_q3=q3,
-        flops=_number(row.get("flops_speedup"), f"{what} flops_speedup"), work_ratio=work,
-        quality_delta=_number(row.get("quality_delta"), f"{what} quality_delta"),
-        counts=counts if isinstance(counts, bool) else None,
-        noise_warning=row.get("noise_warning") or None, stats=stats)
+def gap(row: Row) -> float | None:
+    """FLOPs speedup over wall speedup: 1 when the counted savings all reach the clock."""
+    return None if row.flops_speedup is None else row.flops_speedup / row.wall_speedup
 
 
 @dataclass(frozen=True)
 class RunResults:
     path: Path
     record: dict[str, Any]
-    rows: list[TechniqueRow]
+    rows: list[Row]
 
 
 def load_results(path: Path) -> RunResults:
@@ -108,7 +71,8 @@ def load_results(path: Path) -> RunResults:
         raw = [{"technique": name, **row} for name, row in record.get("techniques", {}).items()]
     if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
         raise ValueError(f"{path}: 'rows' must be a list of objects")
-    return RunResults(path, record, [technique_row(r, str(path)) for r in raw])
+    scale = (record.get("setup") or {}).get("scale", "tiny")  # older results: all tiny
+    return RunResults(path, record, [Row.from_dict(r, str(path), scale) for r in raw])
 
 
 def _run_record(record: dict[str, Any], where: str) -> dict[str, Any]:
@@ -202,19 +166,6 @@ def load_tuning(folder: Path, budget: float) -> Tuning:
                             feasible if isinstance(feasible, bool) else delta <= budget,
                             dict(knobs)))
     return Tuning(folder, name, trials, best, skipped, budget)
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the (speedup, quality delta) points no other point dominates, by speedup.
-
-    ``q`` dominates ``p`` when it is at least as fast and at most as degraded, and strictly
-    better in one of the two.
-    """
-    def dominates(q: tuple[float, float], p: tuple[float, float]) -> bool:
-        return q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1])
-
-    front = [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
-    return sorted(front, key=lambda i: points[i])
 
 
 @dataclass(frozen=True)
@@ -359,7 +310,7 @@ def _save(fig: Any, path: Path) -> None:
         _pyplot().close(fig)
 
 
-def plot_techniques(rows: Sequence[TechniqueRow], budget: float, path: Path) -> None:
+def plot_techniques(rows: Sequence[Row], budget: float, path: Path) -> None:
     """Left: wall speedup (IQR error bars) beside FLOPs speedup and 1 / work ratio.
     Right: quality delta with the budget line."""
     import numpy as np
@@ -370,16 +321,18 @@ def plot_techniques(rows: Sequence[TechniqueRow], budget: float, path: Path) -> 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.55 * len(rows) + 2.2), sharey=True,
                                       gridspec_kw={"width_ratios": [3, 2]})
     h = 0.27
-    wall = [r.wall for r in rows]
-    err = np.array([[r.wall - r.wall_q1 if r.wall_q1 is not None else 0.0 for r in rows],
-                    [r.wall_q3 - r.wall if r.wall_q3 is not None else 0.0 for r in rows]])
+    wall = [r.wall_speedup for r in rows]
+    err = np.array([[r.wall_speedup - r.wall_q1 if r.wall_q1 is not None else 0.0 for r in rows],
+                    [r.wall_q3 - r.wall_speedup if r.wall_q3 is not None else 0.0
+                     for r in rows]])
     left.barh(y - h, wall, h, xerr=err, capsize=3, color=palette[0],
               label="wall speedup (measured, IQR)")
-    left.barh(y, [r.flops or 0.0 for r in rows], h, color=palette[1], label="FLOPs speedup")
+    left.barh(y, [r.flops_speedup or 0.0 for r in rows], h, color=palette[1],
+              label="FLOPs speedup")
     left.barh(y + h, [1 / r.work_ratio if r.work_ratio else 0.0 for r in rows], h,
               color=palette[2], label="1 / work ratio")
     left.axvline(1.0, color="black", lw=0.8)
-    left.set_yticks(y, [r.name for r in rows])
+    left.set_yticks(y, [r.technique for r in rows])
     left.set_ylim(len(rows) - 0.5, -0.5)  # first row on top, no empty margin
     left.set_xlabel("x over the dense model (higher is faster)")
     left.set_title("speed: measured vs counted", pad=28)
@@ -484,12 +437,12 @@ def figure(src: str, alt: str, caption: str) -> str:
             f"</figcaption></figure>")
 
 
-def _gap_note(row: TechniqueRow) -> str:
-    if row.gap is None:
+def _gap_note(row: Row) -> str:
+    if gap(row) is None:
         return ""
-    if row.gap > GAP_FLAG:
+    if gap(row) > GAP_FLAG:
         return "counted savings do not reach the clock"
-    if row.gap < 1 / GAP_FLAG:
+    if gap(row) < 1 / GAP_FLAG:
         return "clock beats the counted work: check the work accounting"
     return ""
 
@@ -509,8 +462,9 @@ def section_techniques(results: RunResults | None, budget: float, out: Path) -> 
         iqr = ("n/a" if r.wall_q1 is None or r.wall_q3 is None
                else f"{r.wall_q1:.2f} - {r.wall_q3:.2f}")
         counts = {True: "yes", False: "no", None: "n/a"}[r.counts]
-        cells.append([f"<b>{esc(r.name)}</b>", esc(r.knobs), fmt(r.wall), iqr, fmt(r.flops),
-                      fmt(r.work_ratio, "{:.3f}"), fmt(r.gap, "{:.2f}"),
+        cells.append([f"<b>{esc(r.technique)}</b>", esc(knobs_text(r.knobs)),
+                      fmt(r.wall_speedup), iqr, fmt(r.flops_speedup),
+                      fmt(r.work_ratio, "{:.3f}"), fmt(gap(r), "{:.2f}"),
                       fmt(r.quality_delta, "{:+.2%}"), counts,
                       "<br>".join(f"{esc(k.removeprefix('mean_'))} {v:.3f}"
                                   for k, v in sorted(r.stats.items())),
@@ -603,13 +557,22 @@ def section_tuning(tunings: Sequence[Tuning], out: Path) -> str:
 
 
 def section_cumulative(records: Sequence[dict[str, Any]], target: Target, out: Path) -> str:
+    """One history per model scale: a comparison never mixes scales."""
     if not records:
         return ("<p class=missing>No baseline record yet: <code>bk-bench baseline record</code> "
                 "adds one per commit to <code>baselines/records/</code>.</p>")
+    scales = list(dict.fromkeys(record_scale(r) for r in records))
+    return "".join(f"<h3>scale {esc(scale)}</h3>" + _scale_history(
+        [r for r in records if record_scale(r) == scale], target, out, f"cumulative-{scale}.png")
+                   for scale in scales)
+
+
+def _scale_history(records: Sequence[dict[str, Any]], target: Target, out: Path,
+                   png: str) -> str:
     for r in records:
         _number(r["cumulative"]["speedup"], f"record {r['commit'][:10]} cumulative speedup",
                 required=True)
-    plot_cumulative(records, target.cumulative_speedup, out / "cumulative.png")
+    plot_cumulative(records, target.cumulative_speedup, out / png)
     rows = [[esc(str(r["commit"])[:10]), esc(str(r.get("date", ""))),
              fmt(r["cumulative"]["speedup"]),
              esc(r["cumulative"].get("source", "")),
@@ -619,7 +582,7 @@ def section_cumulative(records: Sequence[dict[str, Any]], target: Target, out: P
         f"<p>Latest: <b>{latest:.2f}x</b> of the {target.cumulative_speedup:g}x target "
         f"({latest / target.cumulative_speedup:.0%}), quality budget "
         f"+{target.quality_budget:.0%}.</p>",
-        figure("cumulative.png",
+        figure(png,
                f"Line plot of the cumulative wall speedup over {len(records)} recorded commits "
                f"with the {target.cumulative_speedup:g}x target line; filled markers count, "
                "hollow ones are outside the quality budget.",

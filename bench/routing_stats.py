@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from bench.cli import scale_name
 from bench.files import write_atomic
 from bk.adaptive.routing_cache import PRESETS, TIER_NAMES, CachedRoutingLanguageModel
 from bk.data import Corpus, load_corpus
@@ -86,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a trained model checkpoint (default: the bench's dense model)")
     parser.add_argument("--quick", action="store_true",
                         help="with no --checkpoint: the quick setup's dense model")
+    parser.add_argument("--scale", type=scale_name, default="tiny",
+                        help="with no --checkpoint: the dense model of this scale (default tiny)")
     parser.add_argument("--corpus", default="shakespeare")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="balanced")
     parser.add_argument("--calibration-batches", type=int, default=50)
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         from bench.pipeline import Bench, Setup
 
-        setup = (Setup.quick if args.quick else Setup)(corpus=args.corpus, progress=False)
+        setup = (Setup.quick if args.quick else Setup.at_scale)(args.scale, corpus=args.corpus,
+                                                                progress=False)
         bench = Bench(setup)
         model, corpus = bench.dense(), bench.corpus
     tables = routing_stats(model, corpus, preset=args.preset,

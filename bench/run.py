@@ -12,11 +12,11 @@ import pandas as pd
 
 from bench.baselines import Target, make_record
 from bench.files import dump_json, figure_writer, publish
-from bench.measure import Comparison
 from bench.pipeline import Bench, Setup
+from bench.progress import Progress
 from bench.registry import REFERENCE, techniques
+from bench.rows import Row
 from bk.ngram import ngram_cross_entropy
-from bk.train import evaluate
 
 COLUMNS = {
     "technique": "technique",
@@ -27,20 +27,19 @@ COLUMNS = {
     "work_ratio": "work ratio",
     "quality_delta": "ppl delta",
     "counts": "counts?",
+    "ceiling_uniform": "ceiling",
 }
 
 
-def frame(comparisons: Iterable[Comparison], target: Target,
-          knobs: Mapping[str, Mapping[str, Any]] | None = None) -> pd.DataFrame:
-    rows = []
-    for c in comparisons:
-        row = c.as_dict()
-        row["spread"] = f"{c.speed.q1:.2f}-{c.speed.q3:.2f}"
-        row["counts"] = target.counts(c.quality_delta)
-        row["knobs"] = ", ".join(f"{k}={v}" for k, v in (knobs or {}).get(c.name, {}).items()
-                                 if v is not None)
-        rows.append(row)
-    return pd.DataFrame(rows)
+def frame(rows: Iterable[Row]) -> pd.DataFrame:
+    """The rows as a table, one column per figure (``Row.flat``) and the spread as text."""
+    flat = []
+    for row in rows:
+        line = row.flat()
+        line["spread"] = (None if row.wall_q1 is None or row.wall_q3 is None
+                          else f"{row.wall_q1:.2f}-{row.wall_q3:.2f}")
+        flat.append(line)
+    return pd.DataFrame(flat)
 
 
 def render(df: pd.DataFrame, extra: Iterable[str] = ()) -> str:
@@ -49,7 +48,7 @@ def render(df: pd.DataFrame, extra: Iterable[str] = ()) -> str:
     shown = df[columns].rename(columns=COLUMNS)
     formats = {
         "wall speedup": "{:.2f}x".format, "FLOPs speedup": "{:.2f}x".format,
-        "work ratio": "{:.2f}".format,
+        "work ratio": "{:.2f}".format, "ceiling": "{:.2f}x".format,
         "ppl delta": lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v))
         else f"{v:+.1%}",
     }
@@ -87,7 +86,7 @@ def plot(df: pd.DataFrame, target: Target) -> bytes:
 
 def baseline_quality(bench: Bench) -> dict[str, float]:
     corpus = bench.corpus
-    dense = evaluate(bench.dense(), corpus, "test", max_batches=bench.setup.quality_batches)
+    dense = bench.quality(bench.dense(), REFERENCE)
     ln2 = math.log(2)
     return {
         "dense_test_nats": dense.loss, "dense_test_bits": dense.loss / ln2,
@@ -97,36 +96,57 @@ def baseline_quality(bench: Bench) -> dict[str, float]:
     }
 
 
-def measure_all(bench: Bench, names: Iterable[str] | None = None) -> list[Comparison]:
-    """The dense model against itself (an A/A row that shows the noise), then each technique."""
+def measure_all(bench: Bench, names: Iterable[str] | None = None, *,
+                ceilings: bool = False) -> list[Row]:
+    """The dense model against itself (an A/A row that shows the noise), then each technique;
+    with ``ceilings``, each row with its ceilings (``Bench.measure``)."""
+    return [bench.measure(name, ceilings=ceilings) for name in chosen(names)]
+
+
+def chosen(names: Iterable[str] | None = None) -> list[str]:
+    """``names``, or every registered technique (dense first); unknown names are refused."""
     registered = techniques()
-    chosen = list(names) if names else list(registered)
-    return [bench.measure(name) for name in chosen]
+    picked = list(names) if names else list(registered)
+    unknown = [name for name in picked if name not in registered]
+    if unknown:
+        raise ValueError(f"unknown technique {unknown[0]!r}; registered: "
+                         f"{', '.join(registered)}")
+    return picked
 
 
 def run(setup: Setup, names: Iterable[str] | None = None,
         commit: str = "uncommitted") -> dict[str, Any]:
-    """Measure everything, print the table, write results.json, results.csv and speedups.png
-    as one set (``bench.files.publish``: a reader never sees files of two runs)."""
+    """Measure everything (ceilings included), print the table, write results.json,
+    results.csv and speedups.png as one set (``bench.files.publish``: a reader never sees
+    files of two runs). Progress is reported by phase (``bench.progress``) unless
+    ``setup.progress`` is off."""
     bench = Bench(setup)
-    target = Target.load()
-    bench.dense()
-    quality = baseline_quality(bench)
-    comparisons = measure_all(bench, names)
-    knobs = {name: t.defaults() for name, t in techniques().items()}
-    df = frame(comparisons, target, knobs)
-    record = make_record([c for c in comparisons if c.name != REFERENCE], setup.describe(),
+    target = bench.target
+    names = chosen(names)
+    progress = Progress(bench.job(names), title=f"bk-bench run --scale {setup.scale}",
+                        live=None if setup.progress else False)
+    bench.progress = progress
+    try:
+        bench.dense()
+        quality = baseline_quality(bench)
+        rows = measure_all(bench, names, ceilings=True)
+    finally:
+        if setup.progress:
+            progress.close()
+    df = frame(rows)
+    record = make_record([r for r in rows if r.technique != REFERENCE], setup.describe(),
                          target, commit)
     record["quality"] = quality
     out = setup.output
     publish(out, "results", {
-        "results.json": dump_json({"record": record, "rows": _clean(df.to_dict("records"))}),
+        "results.json": dump_json({"record": record, "rows": [r.to_dict() for r in rows]}),
         "results.csv": df.to_csv(index=False),
         "speedups.png": plot(df, target)})
     print(render(df))
-    print(f"\ndense test: {quality['dense_test_bits']:.3f} bits/char (perplexity "
-          f"{quality['dense_test_perplexity']:.2f}); unigram {quality['unigram_test_bits']:.3f}, "
-          f"bigram {quality['bigram_test_bits']:.3f} bits/char")
+    print(f"\nscale {setup.scale}; dense test: {quality['dense_test_bits']:.3f} bits/char "
+          f"(perplexity {quality['dense_test_perplexity']:.2f}); unigram "
+          f"{quality['unigram_test_bits']:.3f}, bigram {quality['bigram_test_bits']:.3f} "
+          "bits/char")
     cum = record["cumulative"]
     print(f"cumulative speedup: {cum['speedup']:.2f}x ({cum['source']}) against the "
           f"{target.cumulative_speedup:g}x target, quality budget +{target.quality_budget:.0%}")
@@ -134,37 +154,22 @@ def run(setup: Setup, names: Iterable[str] | None = None,
     return record
 
 
-def _clean(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """JSON has no NaN: missing figures become null."""
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-            for row in rows]
-
-
 def sweep(setup: Setup, technique: str, knob: str, values: list[Any],
           fixed: Mapping[str, Any] | None = None) -> tuple[pd.DataFrame, Path]:
     """Fine-tune and measure ``technique`` at each value of one knob.
 
     Returns the table and the path stem of its CSV/JSON files, which name the technique, the
-    knob, the fixed knobs, the sequence length, quick or full, and the training steps, so
-    sweeps of different settings never overwrite each other.
+    knob, the fixed knobs, the scale, the sequence length, the timed batches and the training
+    steps, so sweeps of different settings never overwrite each other.
     """
     bench = Bench(setup)
-    target = Target.load()
-    comparisons, knobs = [], {}
-    for value in values:
-        settings = {**(fixed or {}), knob: value}
-        c = bench.measure(technique, settings)
-        c.name = f"{technique}[{knob}={value}]"
-        knobs[c.name] = settings
-        comparisons.append(c)
-    df = frame(comparisons, target, knobs)
+    rows = [bench.measure(technique, {**(fixed or {}), knob: value}) for value in values]
+    df = frame(rows)
     df.insert(1, knob, values)
     settings = "-".join(f"{k}={v}" for k, v in sorted((fixed or {}).items()))
-    scale = "quick" if setup.workload_batches else "full"
-    name = "-".join(filter(None, [technique, knob, settings, f"n{setup.seq_len}", scale,
-                                  f"s{setup.steps}"]))
+    name = "-".join(filter(None, [technique, knob, settings, setup.scale, f"n{setup.seq_len}",
+                                  f"w{setup.workload_batches or 'all'}", f"s{setup.steps}"]))
     out = setup.output / "sweeps" / name
     publish(out.parent, name, {f"{name}.csv": df.to_csv(index=False),
-                               f"{name}.json": dump_json(_clean(df.to_dict("records")))})
+                               f"{name}.json": dump_json([r.to_dict() for r in rows])})
     return df, out
-

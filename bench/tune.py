@@ -39,9 +39,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bench.cli import add_setup_arguments, parse_values, positive_int, setup_from
 from bench.files import dump_json, figure_writer, publish, read_json, write_atomic
-from bench.measure import Comparison
 from bench.pipeline import Bench, Setup
 from bench.registry import Knob, Technique, get
+from bench.rows import Row, RowError, pareto_front
 from bk.data import Corpus, load_corpus
 from bk.train import TrainingDiverged
 
@@ -49,9 +49,9 @@ from bk.train import TrainingDiverged
 SCORES = {
     "speedup": ("maximize", "measured wall speedup over dense (paired)"),
     "perplexity": ("minimize", "candidate test perplexity"),
-    "layers": ("minimize", "mean layers executed per token (work ratio x n_layers if the "
-                           "technique reports no layer statistic)"),
-    "balanced": ("minimize", "(1 + quality_delta) x fraction of per-token work executed"),
+    "layers": ("minimize", "mean layers executed per token (executed-FLOPs ratio x n_layers if "
+                           "the technique reports no layer statistic)"),
+    "balanced": ("minimize", "(1 + quality_delta) x fraction of the layers executed per token"),
 }
 ACT_ALIASES = {"thresholds": "act_threshold", "lambdas": "act_lambda"}
 HOLDING = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
@@ -111,28 +111,22 @@ def suggest(trial: optuna.Trial, technique: Technique,
 
 # ----------------------------------------------------------------------------- scoring
 
-def figures(c: Comparison) -> dict[str, float | str | None]:
-    """The measured figures of one trial, JSON-safe (a non-finite number becomes None)."""
-    keep = ("wall_speedup", "wall_q1", "wall_q3", "flops_speedup", "work_ratio", "quality_delta",
-            "reference_perplexity", "candidate_perplexity", "noise_warning")
-    row = c.as_dict()
-    out = {k: row[k] for k in keep if k in row}
-    out.update({k: v for k, v in c.extra.items() if k.startswith("mean_")})
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in out.items()}
+def figures(row: Row) -> dict[str, Any]:
+    """The measured figures of one trial: its row's JSON form (``Row.to_dict``)."""
+    return row.to_dict()
 
 
-def score(metric: str, c: Comparison, n_layers: int) -> float:
+def score(metric: str, row: Row, n_layers: int) -> float:
     """The objective value of a measured trial for ``metric`` (see ``SCORES``)."""
     if metric == "speedup":
-        return c.wall_speedup
+        return row.wall_speedup
     if metric == "perplexity":
-        return c.quality_candidate.perplexity
-    layers = c.extra.get("mean_layers_per_token", c.work_ratio * n_layers)
+        return row.candidate_perplexity
+    layers = row.stats.get("mean_layers_per_token", row.work_ratio * n_layers)
     if metric == "layers":
         return layers
     if metric == "balanced":
-        return (1 + c.quality_delta) * layers / n_layers
+        return (1 + row.quality_delta) * layers / n_layers
     raise ValueError(f"unknown score metric {metric!r}; expected one of {sorted(SCORES)}")
 
 
@@ -274,7 +268,7 @@ class _Worker:
     """
 
     def __init__(self, study: optuna.Study, settings: Settings,
-                 measure: Callable[[Technique, dict[str, Any]], Comparison],
+                 measure: Callable[[Technique, dict[str, Any]], Row],
                  n_layers: Callable[[], int], progress: bool, poll_seconds: float) -> None:
         self.study, self.s, self.measure, self.n_layers = study, settings, measure, n_layers
         self.progress, self.poll_seconds = progress, poll_seconds
@@ -296,14 +290,14 @@ class _Worker:
                 raise optuna.TrialPruned(f"grid point already taken by trial {twin.number}")
         try:
             c = self.measure(s.technique, knobs)
-        except TrainingDiverged as err:
+        except (TrainingDiverged, RowError) as err:  # diverged, or a non-finite figure
             trial.set_user_attr("error", str(err))
             raise MeasurementError(str(err)) from err
         trial.set_user_attr("figures", figures(c))
         delta = c.quality_delta
-        if delta is None or not math.isfinite(delta):
-            message = (f"test perplexity delta is {delta} at {knobs}: the fine-tuned model cannot "
-                       f"be scored (diverged training or no quality measurement)")
+        if delta is None:  # a row's figures are finite by construction (bench.rows)
+            message = (f"no test perplexity delta at {knobs}: the fine-tuned model cannot be "
+                       "scored without a quality measurement")
             trial.set_user_attr("error", message)
             raise MeasurementError(message)
         trial.set_constraint("quality", delta - s.max_degradation)
@@ -359,19 +353,13 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
             "retry_of": t.system_attrs.get("failed_trial"), **attrs}
 
 
-def pareto_front(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Non-dominated COMPLETE trials for (wall speedup: max, quality delta: min), computed from
-    the single-objective study's recorded figures (no second study, no extra measurements)."""
+def trial_front(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The COMPLETE trials on the Pareto front (``bench.rows.pareto_front``: wall speedup max,
+    quality delta min), from the single-objective study's recorded figures (no second study,
+    no extra measurements)."""
     done = [r for r in records if r["state"] == "COMPLETE"]
-
-    def point(r: dict[str, Any]) -> tuple[float, float]:
-        return r["figures"]["wall_speedup"], r["figures"]["quality_delta"]
-
-    def dominated(r: dict[str, Any]) -> bool:
-        s, q = point(r)
-        return any(s2 >= s and q2 <= q and (s2 > s or q2 < q) for s2, q2 in map(point, done))
-
-    return sorted((r for r in done if not dominated(r)), key=lambda r: -point(r)[0])
+    return [done[i] for i in pareto_front(
+        done, lambda r: (r["figures"]["wall_speedup"], r["figures"]["quality_delta"]))]
 
 
 def best_record(study: optuna.Study, records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -403,7 +391,7 @@ def summary_text(settings: Settings, records: Sequence[dict[str, Any]],
               for r in feasible[:5]] or ["  none within the budget"]
     lines += ["", "best: " + (f"trial #{best['number']} {_knobs_text(best['knobs'])}" if best
                               else "no feasible trial"),
-              "", "Pareto front (speedup max, ppl delta min):"]
+              "", "Pareto front (speedup max, ppl delta min; by speedup):"]
     lines += [f"  #{r['number']:<4} {r['figures']['wall_speedup']:.2f}x  "
               f"{r['figures']['quality_delta']:+.2%}  {_knobs_text(r['knobs'])}" for r in front]
     return "\n".join(lines) + "\n"
@@ -500,7 +488,7 @@ def write_outputs(out: Path, study: optuna.Study, settings: Settings, setup: Set
     (``bench.files.publish``); return the best record."""
     records = [trial_record(t) for t in study.get_trials(deepcopy=False)]
     best = best_record(study, records)
-    front = pareto_front(records)
+    front = trial_front(records)
     reference = next((r["figures"].get("reference_perplexity") for r in records
                       if r["figures"].get("reference_perplexity") is not None), None)
     files: dict[str, str | bytes] = {
@@ -511,7 +499,7 @@ def write_outputs(out: Path, study: optuna.Study, settings: Settings, setup: Set
             "study": study.study_name, "storage": _redacted(storage_url),
             "written": datetime.now(UTC).isoformat(timespec="seconds"),
             "settings": settings.describe(), "setup": setup.describe(),
-            "finetune_steps": round(setup.steps * settings.technique.finetune_fraction),
+            "finetune_steps": setup.finetune_steps(settings.technique),
             "baseline": {"reference_test_perplexity": reference,
                          "reference": "dense model trained as long as each candidate "
                                       "(Bench.reference: the dense control)",

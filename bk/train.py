@@ -5,6 +5,12 @@ and a resumable checkpoint. A checkpoint holds the model config, the vocabulary,
 the optimiser and the step; it is written atomically and read with ``weights_only=True``, and
 every field is checked on reading (a damaged file is a one-line error naming it). Training that
 ends with non-finite weights raises ``TrainingDiverged`` instead of writing a checkpoint.
+
+Every step draws its batch, and any sampling inside the model, from seeds of its own
+(``step_seed``), so a training resumed from a checkpoint written at step ``k`` takes exactly the
+steps ``k, k+1, ...`` an uninterrupted one takes and ends with the same weights. With
+``checkpoint_every``, a long training saves its state every that many steps beside its
+checkpoint (``partial_checkpoint``), so a killed run resumes from the last one.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import math
 import pickle
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,11 +48,13 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate on the validation split only at the end
     eval_batches: int = 20
     distill: float = 0.0  # weight of the distillation term (needs a teacher; 0: none)
+    threads: int = 1  # torch threads while training (sums in another order: other weights)
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.grad_clip <= 0:
+        if (self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.grad_clip <= 0
+                or self.threads < 1):
             raise ValueError(f"invalid TrainConfig: {self}; expected steps >= 0, batch_size >= 1, "
-                             "lr > 0 and grad_clip > 0")
+                             "lr > 0, grad_clip > 0 and threads >= 1")
         if not (self.distill >= 0 and math.isfinite(self.distill)):
             raise ValueError(f"TrainConfig.distill must be a finite number >= 0, got "
                              f"{self.distill!r}")
@@ -85,8 +94,10 @@ class TrainResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, corpus: Corpus, split: str = "test", *, batch_size: int = 32,
-             seq_len: int | None = None, max_batches: int | None = None) -> Evaluation:
-    """Mean next-token cross-entropy over every target of ``split`` (or its first batches)."""
+             seq_len: int | None = None, max_batches: int | None = None,
+             after_batch: Callable[[], None] | None = None) -> Evaluation:
+    """Mean next-token cross-entropy over every target of ``split`` (or its first batches);
+    ``after_batch`` runs after each batch (progress reporting)."""
     seq_len = seq_len or model.cfg.n_seq
     was_training = model.training
     model.eval()
@@ -97,6 +108,8 @@ def evaluate(model: nn.Module, corpus: Corpus, split: str = "test", *, batch_siz
         out = model(x, y)
         total += float(out.ce) * y.numel()
         count += y.numel()
+        if after_batch is not None:
+            after_batch()
     model.train(was_training)
     if count == 0:
         raise ValueError(f"split {split!r} of corpus {corpus.name!r} has no tokens to evaluate")
@@ -110,73 +123,135 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def evaluation_batches(corpus: Corpus, split: str = "test", *, batch_size: int = 32,
+                       seq_len: int, max_batches: int | None = None) -> int:
+    """How many batches ``evaluate`` runs with these settings."""
+    count = sum(1 for _ in corpus.batches(split, batch_size, seq_len, drop_last=False))
+    return count if max_batches is None else min(count, max_batches)
+
+
+def step_seed(cfg: TrainConfig, step: int) -> int:
+    """The seed of training step ``step``: its batch and any sampling inside the model."""
+    return cfg.seed * 1_000_003 + step
+
+
+def partial_checkpoint(checkpoint: Path) -> Path:
+    """Where a training that ends in ``checkpoint`` keeps its periodic state."""
+    return checkpoint.with_name(checkpoint.name + ".partial")
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def train(model: nn.Module, corpus: Corpus, cfg: TrainConfig, *,
           checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
           desc: str = "train", meta: dict[str, Any] | None = None,
           on_step: Callable[[int, nn.Module], None] | None = None,
-          teacher: nn.Module | None = None) -> TrainResult:
+          after_step: Callable[[int], None] | None = None,
+          checkpoint_every: int = 0, teacher: nn.Module | None = None) -> TrainResult:
     """Train ``model`` on ``corpus`` for ``cfg.steps`` steps; the objective is ``model(x, y).loss``
     plus, with ``cfg.distill > 0``, ``cfg.distill`` times the :func:`distillation` of the frozen
     ``teacher``'s logits on the same batch.
 
-    With ``resume`` and an existing ``checkpoint``, training continues from the saved step with
-    the saved optimiser state. ``on_step(step, model)`` runs before each step (for schedules).
+    ``on_step(step, model)`` runs before each step (for schedules), ``after_step(done)`` after
+    each one with the number of steps done. With ``checkpoint_every`` (> 0) and a
+    ``checkpoint``, the state is saved every that many steps to ``partial_checkpoint
+    (checkpoint)``, which is removed once ``checkpoint`` is written. With ``resume``, training
+    continues, with the saved optimiser state, from ``checkpoint`` if it exists, else from the
+    partial checkpoint when it was written for the same ``meta``.
     """
     if cfg.distill > 0 and teacher is None:
         raise ValueError(f"TrainConfig.distill = {cfg.distill} needs a teacher model")
     if teacher is not None:
         teacher.eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    partial = None if checkpoint is None else partial_checkpoint(Path(checkpoint))
     start = 0
-    if resume and checkpoint is not None and checkpoint.exists():
-        saved = load_checkpoint(checkpoint)
+    saved = _resume_point(checkpoint, partial, meta) if resume else None
+    if saved is not None:
         load_weights(model, saved.model_state, f"checkpoint {checkpoint}")
         if saved.optimizer_state is not None:
             optimizer.load_state_dict(saved.optimizer_state)
         start = saved.step
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
-    # Batches come from ``generator``; the global generator drives any sampling inside the
-    # model (Gumbel noise), so seeding it too makes a training run repeat exactly.
-    torch.manual_seed(cfg.seed * 1_000_003 + start)
     model.train()
     result = TrainResult(steps=start, seconds=0.0)
     began = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress, leave=False)
-    for step in bar:
-        if on_step is not None:
-            on_step(step, model)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        x, y = corpus.random_batch("train", cfg.batch_size, model.cfg.n_seq, generator)
-        out = model(x, y)
-        loss = out.loss
-        if cfg.distill > 0:
-            with torch.no_grad():
-                teacher_logits = teacher(x).logits
-            loss = loss + cfg.distill * distillation(out.logits, teacher_logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        result.steps = step + 1
-        if step % 50 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{out.ce.item():.3f}")
-            result.history.append({"step": step, "train_ce": out.ce.item()})
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            ev = evaluate(model, corpus, "valid", batch_size=cfg.batch_size,
-                          max_batches=cfg.eval_batches)
-            result.history.append({"step": step, "valid_ce": ev.loss})
-            model.train()
+    with _threads(cfg.threads):
+        for step in bar:
+            # Batches come from the step's generator; the global generator drives any sampling
+            # inside the model (Gumbel noise), so seeding it too makes every step repeat exactly.
+            generator = torch.Generator().manual_seed(step_seed(cfg, step))
+            torch.manual_seed(step_seed(cfg, step))
+            if on_step is not None:
+                on_step(step, model)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            x, y = corpus.random_batch("train", cfg.batch_size, model.cfg.n_seq, generator)
+            out = model(x, y)
+            loss = out.loss
+            if cfg.distill > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(x).logits
+                loss = loss + cfg.distill * distillation(out.logits, teacher_logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            result.steps = step + 1
+            if step % 50 == 0 or step == cfg.steps - 1:
+                bar.set_postfix(loss=f"{out.ce.item():.3f}")
+                result.history.append({"step": step, "train_ce": out.ce.item()})
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                ev = evaluate(model, corpus, "valid", batch_size=cfg.batch_size,
+                              max_batches=cfg.eval_batches)
+                result.history.append({"step": step, "valid_ce": ev.loss})
+                model.train()
+            if (partial is not None and checkpoint_every and (step + 1) % checkpoint_every == 0
+                    and step + 1 < cfg.steps):
+                _check_finite(model, desc, result.steps, cfg)
+                save_checkpoint(partial, model, corpus.vocab, step=result.steps,
+                                optimizer=optimizer, meta=meta)
+            if after_step is not None:
+                after_step(result.steps)
     result.seconds = time.perf_counter() - began
     model.eval()
-    bad = non_finite(model.state_dict())
-    if bad:
-        raise TrainingDiverged(f"{desc} diverged: NaN or infinite weights in {bad[:5]} after "
-                               f"{result.steps} steps (lr {cfg.lr}); no checkpoint written")
+    _check_finite(model, desc, result.steps, cfg)
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, corpus.vocab, step=result.steps,
                         optimizer=optimizer, meta=meta)
+        partial.unlink(missing_ok=True)
     return result
+
+
+def _check_finite(model: nn.Module, desc: str, steps: int, cfg: TrainConfig) -> None:
+    bad = non_finite(model.state_dict())
+    if bad:
+        raise TrainingDiverged(f"{desc} diverged: NaN or infinite weights in {bad[:5]} after "
+                               f"{steps} steps (lr {cfg.lr}); no checkpoint written")
+
+
+def _resume_point(checkpoint: Path | None, partial: Path | None,
+                  meta: dict[str, Any] | None) -> Checkpoint | None:
+    """The checkpoint to continue from: ``checkpoint`` itself, else the partial one if it was
+    written for the same ``meta`` (a damaged or foreign partial checkpoint is not used)."""
+    if checkpoint is not None and Path(checkpoint).exists():
+        return load_checkpoint(checkpoint)
+    if partial is None or not partial.exists():
+        return None
+    try:
+        saved = load_checkpoint(partial)
+    except ValueError as err:
+        warnings.warn(f"not resuming from {partial}: {err}", stacklevel=3)
+        return None
+    return saved if saved.meta == (meta or {}) else None
 
 
 @dataclass

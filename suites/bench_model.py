@@ -13,10 +13,7 @@ from bk.model import LanguageModel, ModelConfig
 torch.set_num_threads(1)
 
 VOCAB = 80
-SHAPES = {
-    "tiny": ModelConfig(vocab_size=VOCAB),
-    "small": ModelConfig(vocab_size=VOCAB, d_model=256, n_layers=8, d_expert=512, bk_channels=8),
-}
+SHAPES = {scale: ModelConfig.at_scale(scale, vocab_size=VOCAB) for scale in ("tiny", "small")}
 PARTS = ("experts", "dispatch", "router", "bk_path", "rest")
 _MODELS: dict[int, LanguageModel] = {}
 

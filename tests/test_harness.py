@@ -21,29 +21,24 @@ import torch
 from bench import baselines, pipeline
 from bench.cli import build_parser, main, parse_value, setup_from
 from bench.files import figure_writer, locked, publish, read_json, write_atomic, write_new
-from bench.measure import Comparison, Speedup, Workload
+from bench.measure import Workload
 from bench.pipeline import Bench, Setup
 from bench.registry import get, techniques
+from bench.rows import Row, RowError
 from bk.atomic import HOST
 from bk.data import load_corpus
-from bk.model import LanguageModel, ModelConfig, Work
-from bk.train import Evaluation, content_digest, load_checkpoint, load_model, save_checkpoint
+from bk.model import LanguageModel, ModelConfig
+from bk.train import content_digest, load_checkpoint, load_model, save_checkpoint
 from tests.strategies import TINY_4_LAYERS
 
 
-def make_comparison(name="t", speedup=2.0, ppl_ref=10.0, ppl_cand=10.2) -> Comparison:
-    import math
-
-    return Comparison(name, Speedup((speedup,) * 3, 1.0, 1 / speedup), 100, 50,
-                      Work(10, 10, 10), Work(5, 5, 10),
-                      Evaluation("test", math.log(ppl_ref), 100),
-                      Evaluation("test", math.log(ppl_cand), 100))
-
-
-def test_comparison_reports_wall_flops_work_and_quality_side_by_side():
-    c = make_comparison()
-    assert c.wall_speedup == 2.0 and c.flops_speedup == 2.0 and c.work_ratio == 0.5
-    assert c.quality_delta == pytest.approx(0.02)
+def make_row(name="t", speedup=2.0, ppl_ref=10.0, ppl_cand=10.2, scale="tiny") -> Row:
+    """A measured row, counted against a 5% budget."""
+    delta = ppl_cand / ppl_ref - 1
+    return Row(name, scale, speedup, wall_q1=speedup, wall_q3=speedup, rounds=3,
+               t_reference_s=1.0, t_candidate_s=1 / speedup, flops_speedup=2.0, work_ratio=0.5,
+               reference_perplexity=ppl_ref, candidate_perplexity=ppl_cand, quality_delta=delta,
+               counts=delta <= 0.05)
 
 
 def test_workload_covers_the_test_split_in_full_batches():
@@ -61,7 +56,8 @@ def test_a_record_is_never_rewritten_and_two_recordings_of_one_commit_both_survi
     # and the second finished measurement was thrown away.
     (tmp_path / "target.json").write_text((baselines.BASELINES / "target.json").read_text())
     target = baselines.Target.load(tmp_path)
-    rec = baselines.make_record([make_comparison()], {"corpus": "x"}, target, "a" * 40)
+    rec = baselines.make_record([make_row()], {"corpus": "x", "scale": "tiny"}, target,
+                                "a" * 40)
     first = baselines.record(rec, tmp_path)
     before = first.read_bytes()
     second = baselines.record({**rec, "cumulative": {**rec["cumulative"], "source": "b"}},
@@ -86,15 +82,16 @@ def test_a_corrupt_record_gives_a_clear_error_and_is_left_alone(tmp_path):
 
 def test_cumulative_is_one_until_a_technique_counts_and_never_a_product():
     target = baselines.Target(10.0, 0.05, 0.01, 0.1)
-    rec = baselines.make_record([], {}, target, "c")
+    tiny = {"scale": "tiny"}
+    rec = baselines.make_record([], tiny, target, "c")
     assert rec["cumulative"] == {"speedup": 1.0, "counts": True,
                                  "source": "dense (no technique within budget is faster)"}
-    rec = baselines.make_record([make_comparison("a", 2.0), make_comparison("b", 3.0, ppl_cand=12),
-                                 make_comparison("c", 1.5), make_comparison("d", 0.9)], {},
+    rec = baselines.make_record([make_row("a", 2.0), make_row("b", 3.0, ppl_cand=12),
+                                 make_row("c", 1.5), make_row("d", 0.9)], tiny,
                                 target, "c")
     assert rec["cumulative"]["speedup"] == 2.0 and rec["cumulative"]["source"] == "a"
-    over_budget = make_comparison("combined", 4.0, ppl_cand=12)
-    rec = baselines.make_record([make_comparison("a", 2.0), over_budget], {}, target, "c")
+    over_budget = make_row("combined", 4.0, ppl_cand=12)
+    rec = baselines.make_record([make_row("a", 2.0), over_budget], tiny, target, "c")
     assert rec["cumulative"]["source"] == "a"
     assert rec["cumulative"]["combined"] == {"wall_speedup": 4.0, "counts": False,
                                              "quality_delta": pytest.approx(0.2)}
@@ -102,13 +99,14 @@ def test_cumulative_is_one_until_a_technique_counts_and_never_a_product():
 
 def test_check_flags_a_speedup_drop_beyond_tolerance_and_a_quality_budget_breach():
     target = baselines.Target(10.0, 0.05, 0.01, 0.1)
-    latest = baselines.make_record([make_comparison("a", 2.0), make_comparison("b", 2.0)], {},
+    tiny = {"scale": "tiny"}
+    latest = baselines.make_record([make_row("a", 2.0), make_row("b", 2.0)], tiny,
                                    target, "c")
-    rows = baselines.check([make_comparison("a", 1.85), make_comparison("b", 2.0, ppl_cand=11)],
-                           latest, target, setup={})
+    rows = baselines.check([make_row("a", 1.85), make_row("b", 2.0, ppl_cand=11)],
+                           latest, target, setup=tiny)
     assert rows[0].problem is None
     assert "quality" in rows[1].problem
-    rows = baselines.check([make_comparison("a", 1.7)], latest, target, setup={})
+    rows = baselines.check([make_row("a", 1.7)], latest, target, setup=tiny)
     assert "fell" in rows[0].problem
 
 
@@ -414,7 +412,8 @@ def record_file(root, rec) -> Path:
 
 def good_record(setup: dict | None = None) -> dict:
     target = baselines.Target(10.0, 0.05, 0.01, 0.1)
-    return baselines.make_record([make_comparison("act", 1.5)], setup or {}, target, "a" * 40)
+    return baselines.make_record([make_row("act", 1.5)], setup or {"scale": "tiny"}, target,
+                                 "a" * 40)
 
 
 MALFORMED = {
@@ -430,7 +429,10 @@ MALFORMED = {
     "techniques as a list": lambda r: r.update(techniques=[]),
     "no commit": lambda r: r.pop("commit"),
     "setup as text": lambda r: r.update(setup="quick"),
-    "another schema": lambda r: r.update(schema=2),
+    "another schema": lambda r: r.update(schema=3),
+    "a row of another scale": lambda r: r["techniques"]["act"].update(scale="small"),
+    "a row of another technique": lambda r: r["techniques"]["act"].update(technique="mod"),
+    "an IQR without the median": lambda r: r["techniques"]["act"].update(wall_q1=1.6),
 }
 
 
@@ -459,15 +461,15 @@ def test_check_refuses_measurements_of_another_setup_naming_the_fields(tmp_path,
     quick = Setup.quick(corpus="synthetic", output=Path("elsewhere")).describe()
     target = baselines.Target(10.0, 0.05, 0.01, 0.1)
     with pytest.raises(ValueError, match="another setup") as caught:
-        baselines.check([make_comparison("act", 1.5)], rec, target, setup=quick)
+        baselines.check([make_row("act", 1.5)], rec, target, setup=quick)
     for field in ("steps", "rounds", "workload_batches", "quality_batches"):
         assert f"{field}: record" in str(caught.value)
     assert "output" not in str(caught.value)
-    assert baselines.check([make_comparison("act", 1.5)], rec, target, setup={
+    assert baselines.check([make_row("act", 1.5)], rec, target, setup={
         **full, "output": "elsewhere"})[0].problem is None
     other_machine = {**rec, "machine": {**rec["machine"], "cpu": "another cpu"}}
     with pytest.raises(ValueError, match="machine cpu: record 'another cpu'"):
-        baselines.check([make_comparison("act", 1.5)], other_machine, target, setup=full)
+        baselines.check([make_row("act", 1.5)], other_machine, target, setup=full)
     record_file(tmp_path, rec)
     assert main(["baseline", "check", "--quick", "--corpus", "synthetic", "--baselines",
                  str(tmp_path), "--output", str(tmp_path / "runs"), "--no-progress"]) == 2
@@ -476,10 +478,11 @@ def test_check_refuses_measurements_of_another_setup_naming_the_fields(tmp_path,
     assert not (tmp_path / "runs").exists(), "refused before training or measuring anything"
 
 
-def test_check_fails_a_non_finite_measured_speedup():
-    target = baselines.Target(10.0, 0.05, 0.01, 0.1)
-    rows = baselines.check([make_comparison("act", math.nan)], good_record(), target, setup={})
-    assert "nan" in rows[0].problem
+def test_a_non_finite_measured_speedup_never_makes_a_row_to_check():
+    # A NaN speedup once passed every comparison of `baseline check`.
+    for speedup in (math.nan, math.inf, -1.0):
+        with pytest.raises(RowError, match="wall_speedup"):
+            make_row("act", speedup)
 
 
 def test_the_quality_budget_counts_a_delta_exactly_at_its_boundary():
@@ -654,13 +657,13 @@ def test_a_regression_exits_1_and_a_clean_check_0(tmp_path, capsys):
             "--batch-size", "4", "--rounds", "1", "--output", str(tmp_path / "runs"),
             "--no-progress"]
     setup = setup_from(build_parser().parse_args(["baseline", "check", *argv]))
-    rec = good_record(setup.describe())
-    rec["techniques"] = {"sparsity": {**rec["techniques"]["act"], "wall_speedup": 100.0}}
+    target = baselines.Target(10.0, 0.05, 0.01, 0.1)
+    rec = baselines.make_record([make_row("sparsity", 100.0)], setup.describe(), target, "a" * 40)
     path = record_file(tmp_path / "baselines", rec)
     check = ["baseline", "check", "--techniques", "sparsity", "--baselines",
              str(tmp_path / "baselines"), *argv]
     assert main(check) == 1
     assert "speedup fell" in capsys.readouterr().out
-    rec["techniques"]["sparsity"].update(wall_speedup=1e-3, counts=False)
+    rec["techniques"]["sparsity"] = make_row("sparsity", 1e-3, ppl_cand=12).to_dict()
     path.write_text(json.dumps(rec))
     assert main(check) == 0

@@ -1,7 +1,6 @@
 """The timing harness gives the right figures: exact speedups on a fake clock, the direction of
 every ratio (reference first), and the A/A row timing the dense model against itself."""
 
-import math
 import statistics
 from dataclasses import replace
 
@@ -12,12 +11,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bench import pipeline
-from bench.measure import Comparison, Speedup, Workload, compare, count_flops, paired_speedup
+from bench.measure import Speedup, Workload, compare, count_flops, paired_speedup
 from bench.pipeline import Bench, Setup
+from bench.rows import Row
 from bench.run import measure_all
 from bk.data import load_corpus
-from bk.model import Work
-from bk.train import Evaluation, evaluate
+from bk.train import evaluate
 from tests.strategies import TINY, FakeClock, Timed, float64_model
 
 
@@ -110,28 +109,6 @@ def test_flops_come_from_torch_flop_counter():
     assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
 
 
-def test_comparison_figures_have_the_right_direction_and_size():
-    c = Comparison("t", Speedup((2.0, 4.0, 8.0), 6.0, 1.5), flops_reference=300,
-                   flops_candidate=100, work_reference=Work(40, 40, 40),
-                   work_candidate=Work(10, 8, 40),
-                   quality_reference=Evaluation("test", math.log(10.0), 100),
-                   quality_candidate=Evaluation("test", math.log(12.0), 100))
-    assert c.wall_speedup == 4.0
-    assert c.flops_speedup == 3.0  # the reference needs three times the FLOPs
-    assert c.work_ratio == 0.25  # the candidate executes a quarter of the work
-    assert c.quality_delta == pytest.approx(0.2, rel=1e-12)  # 20% worse perplexity
-    row = c.as_dict()
-    assert (row["wall_speedup"], row["wall_q1"], row["wall_q3"]) == (4.0, 3.0, 6.0)
-    assert (row["t_reference_s"], row["t_candidate_s"]) == (6.0, 1.5)
-    assert (row["flops_reference"], row["flops_candidate"]) == (300, 100)
-    assert (row["token_layers"], row["expert_calls"]) == (10, 8)
-    assert row["reference_perplexity"] == pytest.approx(10.0, rel=1e-12)
-    assert row["candidate_perplexity"] == pytest.approx(12.0, rel=1e-12)
-    better = Comparison("t", c.speed, 100, 100, Work(10), Work(10),
-                        Evaluation("test", math.log(12.0), 1), Evaluation("test", 0.0, 1))
-    assert better.quality_delta == pytest.approx(1 / 12 - 1, rel=1e-12)
-
-
 def workload_of(batches: int = 2) -> Workload:
     return Workload("tiny", [torch.randint(0, TINY.vocab_size, (2, TINY.n_seq),
                                            generator=torch.Generator().manual_seed(i))
@@ -155,18 +132,23 @@ def test_compare_reports_every_figure_of_the_candidate_against_the_reference():
                                                                                     n_layers=1))
     reference, candidate = Timed(deep, clock, 3.0), Timed(shallow, clock, 1.0)
     workload = Workload.from_corpus(corpus, batch_size=2, seq_len=config.n_seq, max_batches=3)
-    c = compare("shallow", reference, candidate, workload, corpus=corpus, rounds=2,
-                flop_batches=1, quality_batches=2, clock=clock)
-    assert c.name == "shallow" and c.wall_speedup == 3.0 and c.speed.rounds == 6
+    c = compare("shallow", reference, candidate, workload, scale="tiny", knobs={"k": 1},
+                corpus=corpus, rounds=2, flop_batches=1, quality_batches=2, clock=clock)
+    assert (c.technique, c.scale, c.knobs) == ("shallow", "tiny", {"k": 1})
+    assert c.wall_speedup == c.wall_q1 == c.wall_q3 == 3.0 and c.rounds == 6
+    assert (c.t_reference_s, c.t_candidate_s) == (3.0, 1.0) and c.noise_warning is None
     flops = [count_flops(lambda m=m: m(workload.batches[0])) for m in (deep, shallow)]
-    assert (c.flops_reference, c.flops_candidate) == tuple(flops) and flops[0] > flops[1]
-    assert c.flops_speedup == flops[0] / flops[1]
-    assert c.work_reference.token_layers == workload.tokens * 3
-    assert c.work_candidate.token_layers == workload.tokens * 1
-    assert c.work_ratio == 1 / 3
+    assert flops[0] > flops[1] and c.flops_speedup == flops[0] / flops[1]
+    work = [workload.account(m)[0] for m in (deep, shallow)]
+    assert work[1].token_layers == c.token_layers == workload.tokens * 1
+    assert c.work_ratio == work[1].flops(config) / work[0].flops(config)
+    assert c.work_ratio == pytest.approx(1 / 3, rel=1e-12)  # one layer of three runs
+    assert c.stats == {"mean_layers_per_token": 1.0}
     quality = [evaluate(m, corpus, "test", max_batches=2) for m in (deep, shallow)]
-    assert (c.quality_reference, c.quality_candidate) == tuple(quality)
+    assert (c.reference_perplexity, c.candidate_perplexity) == tuple(
+        q.perplexity for q in quality)
     assert c.quality_delta == quality[1].perplexity / quality[0].perplexity - 1
+    assert c.counts is None  # no budget was given to judge it by
 
 
 def test_the_a_a_row_times_the_dense_model_against_itself_and_techniques_against_theirs(
@@ -175,16 +157,16 @@ def test_the_a_a_row_times_the_dense_model_against_itself_and_techniques_against
 
     def recording_compare(name, reference, candidate, workload, **kwargs):
         timed.append((name, reference, candidate))
-        return Comparison(name, Speedup((1.0,), 1.0, 1.0), 1, 1, Work(1), Work(1))
+        return Row(name, kwargs["scale"], 1.0)
 
     monkeypatch.setattr(pipeline, "compare", recording_compare)
     bench = Bench(Setup(corpus="synthetic", steps=2, output=tmp_path, progress=False,
                         quality_batches=1))
     rows = measure_all(bench, ["dense", "sparsity"])
-    assert [r.name for r in rows] == ["dense", "sparsity"]
+    assert [r.technique for r in rows] == ["dense", "sparsity"]
     (_, a_reference, a_candidate), (_, reference, candidate) = timed
     assert a_reference is a_candidate is bench.dense()
     assert reference is bench.reference("sparsity") and candidate is bench.candidate("sparsity")
     assert reference is not bench.dense() and candidate is not reference
-    assert rows[1].quality_reference == bench.quality(reference)
-    assert rows[1].quality_candidate == bench.quality(candidate)
+    assert rows[1].reference_perplexity == bench.quality(reference).perplexity
+    assert rows[1].candidate_perplexity == bench.quality(candidate).perplexity

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import replace
 from itertools import product
 from pathlib import Path
 
@@ -27,11 +28,10 @@ from hypothesis import strategies as st
 
 from bench import tune
 from bench.cli import build_parser
-from bench.measure import Comparison, Speedup
 from bench.pipeline import Bench
 from bench.registry import get
-from bk.model import Work
-from bk.train import Evaluation, TrainingDiverged
+from bench.rows import Row
+from bk.train import TrainingDiverged
 
 THRESHOLDS = [0.5, 0.8, 0.95]
 LAMBDAS = [0.001, 0.05]
@@ -45,18 +45,18 @@ def oracle(threshold: float, lam: float) -> tuple[float, float]:
     return 1 / threshold + 10 * lam, 2 * lam * (1 - threshold)
 
 
-def fake_measure(self: Bench, technique, knobs) -> Comparison:
+def fake_measure(self: Bench, technique, knobs) -> Row:
     delay = float(os.environ.get("BK_TUNE_TEST_DELAY", "0"))
     if delay:
         time.sleep(delay)
     speed, delta = oracle(knobs["act_threshold"], knobs["act_lambda"])
     layers = 3 * knobs["act_threshold"]
-    return Comparison(
-        technique.name, Speedup((speed,), 1.0, 1 / speed), 1000, int(1000 / speed),
-        Work(300, 300, 300), Work(int(300 * knobs["act_threshold"]), 0, 300),
-        Evaluation("test", REFERENCE_LOSS, 1000),
-        Evaluation("test", REFERENCE_LOSS + math.log1p(delta), 1000),
-        extra={"mean_layers_per_token": layers})
+    reference = math.exp(REFERENCE_LOSS)
+    return Row(technique.name, "tiny", speed, knobs=dict(knobs), wall_q1=speed,
+               wall_q3=speed, rounds=1, t_reference_s=1.0, t_candidate_s=1 / speed,
+               flops_speedup=speed, work_ratio=knobs["act_threshold"],
+               reference_perplexity=reference, candidate_perplexity=reference * (1 + delta),
+               quality_delta=delta, stats={"mean_layers_per_token": layers})
 
 
 def tune_argv(out: Path, *extra: str) -> list[str]:
@@ -173,7 +173,7 @@ def test_a_diverged_trial_is_recorded_as_failed_with_its_reason_and_never_rerun(
     def diverging(self, technique, knobs):
         c = fake_measure(self, technique, knobs)
         if (knobs["act_threshold"], knobs["act_lambda"]) == best_feasible(BUDGET):
-            c.quality_candidate = Evaluation("test", math.nan, 1000)
+            return replace(c, candidate_perplexity=math.nan, quality_delta=math.nan)
         return c
 
     monkeypatch.setattr(Bench, "measure", diverging)
@@ -183,7 +183,7 @@ def test_a_diverged_trial_is_recorded_as_failed_with_its_reason_and_never_rerun(
     [failed] = [t for t in trials if t["state"] == "FAIL"]
     point = (failed["knobs"]["act_threshold"], failed["knobs"]["act_lambda"])
     assert point == best_feasible(BUDGET)
-    assert "perplexity delta is nan" in failed["error"] and not failed["feasible"]
+    assert "is nan; expected a finite number" in failed["error"] and not failed["feasible"]
     assert len(trials) == len(GRID)
     best = load(tmp_path, "best_config.json")
     assert (best["knobs"]["act_threshold"], best["knobs"]["act_lambda"]) != best_feasible(BUDGET)
@@ -223,7 +223,7 @@ def test_no_pareto_trial_is_dominated_and_every_other_trial_is(points):
     records = [{"number": i, "state": "COMPLETE",
                 "figures": {"wall_speedup": s, "quality_delta": q}}
                for i, (s, q) in enumerate(points)]
-    front = {r["number"] for r in tune.pareto_front(records)}
+    front = {r["number"] for r in tune.trial_front(records)}
 
     def dominates(a, b):
         return a[0] >= b[0] and a[1] <= b[1] and a != b

@@ -1,0 +1,244 @@
+"""The pipeline at every scale: the scale reaches every model and row and a comparison never mixes
+scales; an interrupted training resumes to exactly the weights of an uninterrupted one; a run
+reports its progress by phases, cached models as skipped phases."""
+
+import io
+import json
+import re
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+from bench import baselines, pipeline, report
+from bench.cli import build_parser, main, setup_from
+from bench.pipeline import SCALE_SETTINGS, Bench, Setup
+from bench.progress import Progress
+from bench.registry import REFERENCE, techniques
+from bench.rows import Row
+from bench.run import run
+from bk.data import load_corpus
+from bk.model import SCALES, ModelConfig
+from bk.train import TrainConfig, partial_checkpoint, train
+from tests.strategies import TINY_4_LAYERS
+
+TARGET = baselines.Target(10.0, 0.05, 0.01, 0.1)
+
+
+def small_setup(output, **overrides) -> Setup:
+    return Setup(**{"corpus": "synthetic", "steps": 4, "batch_size": 4, "seq_len": 16,
+                    "rounds": 1, "workload_batches": 1, "quality_batches": 2,
+                    "ceiling_batches": 1, "output": output, "progress": False, **overrides})
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ----------------------------------------------------------------------------- scales
+
+SETUP_COMMANDS = [["run"], ["train"], ["measure", "act"], ["sweep", "act", "--knob", "a=1,2"],
+                  ["tune", "act"], ["baseline", "check"]]
+
+
+@pytest.mark.parametrize("command", SETUP_COMMANDS)
+def test_every_model_building_command_takes_a_scale_with_its_defaults(command):
+    def setup(*options):
+        return setup_from(build_parser().parse_args([*command, *options]))
+
+    assert setup("--scale", "small") == Setup.at_scale("small")
+    assert setup("--scale", "small", "--steps", "7", "--rounds", "2") == Setup.at_scale(
+        "small", steps=7, rounds=2)
+    assert setup() == Setup() == Setup.at_scale("tiny")  # tiny unless told otherwise
+    assert setup("--quick").scale == "tiny" and setup("--quick") == Setup.quick()
+    assert setup("--quick", "--scale", "small") == Setup.quick("small")
+
+
+@pytest.mark.parametrize("command", [["decode"], ["routing-stats"], ["ceilings"]])
+def test_the_other_model_building_commands_take_a_scale(command):
+    assert build_parser().parse_args([*command, "--scale", "base"]).scale in ("base", ["base"])
+
+
+def test_each_scales_defaults_come_from_its_row_of_the_one_table():
+    assert list(SCALE_SETTINGS) == list(SCALES)
+    for scale, settings in SCALE_SETTINGS.items():
+        setup = Setup.at_scale(scale)
+        assert {k: getattr(setup, k) for k in asdict(settings)} == asdict(settings)
+    small = Setup.at_scale("small")
+    assert small.finetune_steps(techniques()["act"]) == 400  # fraction 0.3 at 2 / 3: 0.2
+    assert Setup().finetune_steps(techniques()["act"]) == 450
+    with pytest.raises(ValueError, match="unknown scale 'huge'"):
+        Setup.at_scale("huge")
+    with pytest.raises(ValueError, match="unknown scale 'huge'"):
+        Setup(scale="huge")
+
+
+def test_a_bench_at_a_scale_trains_that_scale_and_its_rows_carry_it(tmp_path):
+    corpus = load_corpus("synthetic")
+    plans = {}
+    for scale in ("tiny", "small"):
+        bench = Bench(small_setup(tmp_path, scale=scale, steps=1), corpus, target=TARGET)
+        row = bench.measure("mod", ceilings=True)
+        assert row.scale == scale and row.decisions == "learned"
+        assert bench.dense().cfg == ModelConfig.at_scale(scale, vocab_size=len(corpus.vocab),
+                                                          n_seq=16)
+        plans[scale] = bench.dense_plan()
+    assert plans["tiny"].path != plans["small"].path  # one cache entry per scale
+
+
+def test_a_record_and_a_check_never_mix_scales(tmp_path, capsys):
+    def row(name, scale, speed=2.0):
+        return Row(name, scale, speed, reference_perplexity=10.0, candidate_perplexity=10.1,
+                   quality_delta=0.01, counts=True)
+
+    with pytest.raises(ValueError, match="rows of scale small in a record of scale 'tiny'"):
+        baselines.make_record([row("act", "tiny"), row("mod", "small")], {"scale": "tiny"},
+                              TARGET, "c")
+    setups = {scale: Setup.quick(scale, corpus="synthetic").describe() for scale in SCALES}
+    (tmp_path / "records").mkdir()
+    for i, scale in enumerate(["small", "tiny", "base"]):  # base is the latest
+        rec = baselines.make_record([row("act", scale, 2.0 + i)], setups[scale], TARGET, "c")
+        (tmp_path / "records" / f"2026010{i}-c.json").write_text(json.dumps(rec))
+    history = baselines.records(tmp_path)
+    _, latest = baselines.latest_comparable(history, setups["tiny"])
+    assert baselines.record_scale(latest) == "tiny" and latest["cumulative"]["speedup"] == 3.0
+    with pytest.raises(ValueError, match="another scale than the record's"):
+        baselines.check([row("act", "small")], latest, TARGET, setup=setups["tiny"])
+    assert [r["cumulative"]["speedup"] for r in baselines.history(tmp_path, "small")] == [2.0]
+    with pytest.raises(ValueError, match="scale: record 'tiny', now 'small'"):
+        baselines.check([row("act", "small")], latest, TARGET, setup=setups["small"])
+    (tmp_path / "records" / "20260100-c.json").unlink()
+    assert main(["baseline", "check", "--quick", "--scale", "small", "--corpus", "synthetic",
+                 "--baselines", str(tmp_path), "--output", str(tmp_path / "runs")]) == 2
+    assert "no baseline record at scale 'small'" in capsys.readouterr().err
+    html = report.section_cumulative(baselines.history(tmp_path), TARGET, tmp_path)
+    assert "scale tiny" in html and "scale base" in html
+    assert (tmp_path / "cumulative-tiny.png").is_file()
+    assert (tmp_path / "cumulative-base.png").is_file()
+
+
+def test_a_record_whose_scale_is_not_its_setups_is_refused(tmp_path):
+    rec = baselines.make_record([], {"scale": "tiny"}, TARGET, "c")
+    rec["scale"] = "small"
+    with pytest.raises(ValueError, match="field 'scale' is 'small'"):
+        baselines.validate_record(rec, "r.json")
+    old = {**rec, "schema": 1}
+    del old["scale"]
+    assert baselines.record_scale(baselines.validate_record(old, "r.json")) == "tiny"
+
+
+# ----------------------------------------------------------------------------- resuming
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(step: int):
+    def after_step(done: int) -> None:
+        if done == step:
+            raise Interrupted
+
+    return after_step
+
+
+@pytest.mark.parametrize("name", list(techniques()))
+def test_a_training_interrupted_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(
+        tmp_path, name):
+    technique = techniques()[name]
+    corpus = load_corpus("synthetic")
+    config = replace(TINY_4_LAYERS, vocab_size=len(corpus.vocab))
+    cfg = TrainConfig(steps=7, batch_size=3, warmup=2, lr=1e-2)
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return technique.make(config)
+
+    def fit(m, path, **options):
+        def on_step(step, trained):
+            if technique.schedule is not None:
+                technique.schedule(trained, step / cfg.steps)
+
+        return train(m, corpus, cfg, checkpoint=path, progress=False, on_step=on_step,
+                     checkpoint_every=3, meta={"m": name}, **options)
+
+    whole = model(0)
+    fit(whole, tmp_path / "whole.pt")
+    path = tmp_path / "resumed.pt"
+    with pytest.raises(Interrupted):
+        fit(model(0), path, after_step=interrupt_at(5))
+    assert not path.exists() and partial_checkpoint(path).exists()
+    done = []
+    resumed = model(1)  # other initial weights: all of them must come from the checkpoint
+    result = fit(resumed, path, resume=True, after_step=done.append)
+    assert done == [4, 5, 6, 7] and result.steps == 7  # from the checkpoint of step 3 on
+    assert same_weights(resumed, whole)
+    assert path.exists() and not partial_checkpoint(path).exists()
+
+
+def test_a_partial_checkpoint_of_another_training_is_not_resumed(tmp_path):
+    corpus = load_corpus("synthetic")
+    config = replace(TINY_4_LAYERS, vocab_size=len(corpus.vocab))
+    cfg = TrainConfig(steps=4, batch_size=3, warmup=1)
+    path = tmp_path / "m.pt"
+    torch.manual_seed(0)
+    with pytest.raises(Interrupted):
+        train(pipeline.LanguageModel(config), corpus, cfg, checkpoint=path, progress=False,
+              checkpoint_every=2, meta={"request": "a"}, after_step=interrupt_at(3))
+    done = []
+    train(pipeline.LanguageModel(config), corpus, cfg, checkpoint=path, progress=False,
+          checkpoint_every=2, meta={"request": "b"}, resume=True, after_step=done.append)
+    assert done == [1, 2, 3, 4]
+
+
+def test_a_bench_killed_mid_training_resumes_from_its_last_periodic_checkpoint(tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY", 3)
+    fresh = Bench(small_setup(tmp_path / "fresh", steps=8)).dense()
+    setup = small_setup(tmp_path / "killed", steps=8)
+    real_train = pipeline.train
+
+    def killed(*args, after_step, **kwargs):
+        def step(done):
+            after_step(done)
+            if done == 7:
+                raise KeyboardInterrupt
+
+        return real_train(*args, after_step=step, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Bench(setup).dense()
+    monkeypatch.setattr(pipeline, "train", real_train)
+    bench = Bench(setup)
+    bench.progress = Progress(bench.job([REFERENCE], ceilings=False), live=False,
+                              stream=io.StringIO())
+    plan = bench.dense_plan()
+    assert partial_checkpoint(plan.path).exists() and not plan.path.exists()
+    assert same_weights(bench.dense(), fresh)
+    trained = bench.progress.phases[0]
+    assert (trained.name, trained.resumed, trained.done) == (f"train {REFERENCE}", 6, 8)
+    assert not partial_checkpoint(plan.path).exists()
+
+
+# ----------------------------------------------------------------------------- progress
+
+def test_every_phase_of_a_run_is_in_its_job_and_a_second_run_serves_every_model_from_the_cache(
+        tmp_path, capsys):
+    setup = small_setup(tmp_path, steps=3, progress=True)
+    run(setup)
+    err = capsys.readouterr().err
+    phases = Bench(setup).job(list(techniques()))
+    trainings = [p for p in phases if p.name.startswith(("train ", "fine-tune "))]
+    assert all(p.skipped for p in trainings), "the job knows every model is cached now"
+    assert re.search(rf"finished in \S+ \({len(phases)} phases ran\)", err), err
+    run(setup)
+    err = capsys.readouterr().err
+    assert re.search(rf"\({len(phases) - len(trainings)} phases ran, {len(trainings)} served "
+                     r"from the cache\)", err), err
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["technique"]: Row.from_dict(r, "results.json") for r in results["rows"]}
+    assert results["record"]["scale"] == "tiny" and {r.scale for r in rows.values()} == {"tiny"}
+    assert rows["multiscale"].decisions == "none"
+    assert rows["multiscale"].ceiling_uniform == rows["multiscale"].wall_speedup
+    assert rows["mod"].decisions == "learned" and rows["mod"].keep_uniform is not None
