@@ -1,23 +1,29 @@
-"""The ``bk-bench`` command."""
+"""The ``bk-bench`` command.
+
+Only argparse-level modules are imported here, so ``bk-bench --help`` and ``bk-bench COMMAND
+--help`` answer without importing torch (seconds on a loaded machine): each command's handler
+imports what it needs, and a plugin's module is imported only when its command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import importlib.util
 import math
 import signal
 import sys
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-# Timing is single-threaded everywhere in bk-bench (two threads on two cores are ~10x noisier).
-import torch
+if TYPE_CHECKING:
+    from bench.pipeline import Setup
 
-torch.set_num_threads(1)
-
-from bench.baselines import BASELINES  # noqa: E402
-from bench.pipeline import Setup  # noqa: E402
+KNOBS_HELP = ("every technique's knobs, with their types, valid values, defaults and meaning: "
+              "bk-bench techniques")
 
 # Subcommands that live in their own modules, each exposing add_arguments(parser) and run(args).
 PLUGINS = {
@@ -30,15 +36,17 @@ PLUGINS = {
     "ceilings": ("bench.ceilings", "each technique's speedup with its decisions given for free, "
                                    "at any scale (no training)"),
 }
+PLUGIN_EPILOGS = {"tune": KNOBS_HELP}
 
 
 EXIT_CODES = """exit status:
   0  success
   1  a check failed: a regression against the baseline record (baseline check), or no
      configuration within the quality budget (tune, tune --validate)
-  2  bad input or usage: an invalid option, a malformed or missing file, a setup that differs
-     from the record's, a dirty working tree for a record, or not enough memory for a setting;
-     reported as one line 'bk-bench <command>: error: ...'"""
+  2  bad input or usage: an invalid option or knob value (checked before anything trains), a
+     malformed or missing file, a setup that differs from the record's, a dirty working tree
+     for a record, or not enough memory for a setting; reported as one line
+     'bk-bench <command>: error: ...'"""
 
 # Settings to lower when a command runs out of memory, by argparse destination.
 MEMORY_SETTINGS = {"batch_size": "--batch-size", "seq_len": "--seq-len", "batch": "--batch",
@@ -145,6 +153,8 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_from(args: argparse.Namespace) -> Setup:
+    from bench.pipeline import Setup
+
     chosen: dict[str, Any] = {"corpus": args.corpus, "batch_size": args.batch_size,
                               "seq_len": args.seq_len, "seed": args.seed,
                               "output": args.output, "progress": not args.no_progress}
@@ -155,10 +165,71 @@ def setup_from(args: argparse.Namespace) -> Setup:
     return (Setup.quick if args.quick else Setup.at_scale)(args.scale, **chosen)
 
 
+def check_knobs(setup: Setup, technique: str,
+                settings: Sequence[Mapping[str, Any]] = ({},)) -> None:
+    """Check every knob setting of ``technique`` before anything trains.
+
+    Each value is checked against its knob's declaration, then the model is built at the
+    setup's size (a random initialisation, no training), which checks the constraints between
+    knobs and the model (``k_min <= k_max <= n_experts``, ``levels`` against ``n_layers`` ...).
+    A bad setting raises ``ValueError`` naming the knob; the global random state is untouched.
+    """
+    import torch
+
+    from bench.registry import REFERENCE, get
+    from bk.data import load_corpus
+
+    chosen = get(technique)
+    resolved = [chosen.resolve(knobs) for knobs in settings]  # every value, before any build
+    if chosen.name != REFERENCE and chosen.build is not None:
+        config = setup.model_config(load_corpus(setup.corpus))
+        with torch.random.fork_rng(devices=[]):
+            for values in resolved:
+                chosen.build(config, values)
+
+
+def check_techniques(setup: Setup, names: Iterable[str] | None) -> None:
+    """Every chosen technique (all when ``names`` is None) exists and builds at its defaults."""
+    from bench.registry import techniques
+
+    for name in names or techniques():
+        check_knobs(setup, name)
+
+
+def cmd_techniques(args: argparse.Namespace) -> int:
+    from bench.console import techniques_text
+    from bench.registry import get, techniques
+
+    chosen = [get(name) for name in args.names] if args.names else techniques().values()
+    print(techniques_text(chosen))
+    print("\nset a knob: bk-bench measure TECHNIQUE --knob NAME=VALUE; one row per value: "
+          "bk-bench sweep\nTECHNIQUE --knob NAME=V1,V2,...; search: bk-bench tune TECHNIQUE")
+    return 0
+
+
+def write_report(results: Path, out: Path) -> str:
+    """The HTML report over ``results`` in ``out``; what to print about it (a report that cannot
+    be written is a note, not a failure: the measurements are already published)."""
+    from bench import report
+
+    try:
+        index = report.build(report.Inputs.defaults(results), out)
+    except (ValueError, OSError) as err:
+        return (f"report not written ({' '.join(str(err).split())}); write it with: bk-bench "
+                f"report --results {results} --output {out}")
+    return f"full report (figures, per-token work, history): {index}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from bench import baselines
+    from bench.baselines import Target
+    from bench.console import run_summary
+    from bench.files import read_json
+    from bench.measure import NOISE_LIMIT
     from bench.run import run
 
+    setup = setup_from(args)
+    check_techniques(setup, args.techniques)
     if args.record:
         commit = baselines.git_commit(allow_dirty=args.allow_dirty)  # refuse before measuring
     else:
@@ -166,10 +237,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             commit = baselines.git_commit(allow_dirty=True)
         except ValueError:
             commit = "unknown"
-    record = run(setup_from(args), args.techniques, commit=commit)
+    record = run(setup, args.techniques, commit=commit)
+    if args.record and not record["techniques"]:
+        raise ValueError("--record needs at least one technique besides dense")
+    results = setup.output / "results.json"
+    report = write_report(results, setup.output / "report")
+    print(run_summary(read_json(results), Target.load(), NOISE_LIMIT, report))
+    print(f"results: {results}, {setup.output / 'results.csv'}, "
+          f"{setup.output / 'speedups.png'}")
     if args.record:
-        if not record["techniques"]:
-            raise ValueError("--record needs at least one technique besides dense")
         print(f"recorded {baselines.record(record)}")
     return 0
 
@@ -188,23 +264,41 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
+    from bench.baselines import Target
+    from bench.console import knobs_lines, stats_table, table
     from bench.pipeline import Bench
-    from bench.run import frame, render
 
-    bench = Bench(setup_from(args))
-    row = bench.measure(args.technique, dict(args.knob or []))
-    print(render(frame([row]), extra=list(row.stats)))
+    setup = setup_from(args)
+    knobs = dict(args.knob or [])
+    check_knobs(setup, args.technique, [knobs])
+    row = Bench(setup).measure(args.technique, knobs)
+    target = Target.load()
+    rows = [row.to_dict()]
+    print(table(rows, target.counts, target.quality_budget))
+    print(stats_table(rows))
+    if knobs:
+        print(knobs_lines({row.technique: knobs}))
     if row.noise_warning:
         print(f"warning: {row.noise_warning}")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from bench.run import render, sweep
+    from bench.baselines import Target
+    from bench.console import knobs_lines, stats_table, table
+    from bench.run import sweep
 
+    setup = setup_from(args)
     knob, values = args.knob
-    df, path = sweep(setup_from(args), args.technique, knob, values, dict(args.set or []))
-    print(render(df, extra=[knob, *[c for c in df.columns if c.startswith("mean_")]]))
+    fixed = dict(args.set or [])
+    check_knobs(setup, args.technique, [{**fixed, knob: v} for v in values])
+    df, path = sweep(setup, args.technique, knob, values, fixed)
+    target = Target.load()
+    rows = df.to_dict("records")
+    print(table(rows, target.counts, target.quality_budget, label=knob))
+    print(stats_table(rows, label=knob))
+    if fixed:
+        print(knobs_lines({f"{args.technique}, fixed": fixed}))
     print(f"\nwritten: {path}.csv and {path}.json")
     return 0
 
@@ -214,10 +308,11 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from bench.pipeline import Bench
     from bench.run import measure_all
 
-    root = args.baselines
+    root = args.baselines or baselines.BASELINES
     target = baselines.Target.load(root if (root / "target.json").is_file() else
                                    baselines.BASELINES)
     setup = setup_from(args)
+    check_techniques(setup, args.techniques)
     if args.action == "check":  # refuse before measuring anything
         path, latest = baselines.latest_comparable(baselines.records(root), setup.describe())
     else:
@@ -249,15 +344,25 @@ def add_allow_dirty(parser: argparse.ArgumentParser) -> None:
                              "'<sha>-dirty' (otherwise refused)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def run_plugin(module: str, args: argparse.Namespace) -> int:
+    return importlib.import_module(module).run(args)
+
+
+def build_parser(plugins: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The command's parser. ``plugins``: the plugin commands whose options are added (their
+    modules imported); the others are listed without options. ``None``: every plugin."""
     parser = Parser(
         prog="bk-bench",
         description="Honest speedups, quality deltas and correctness for adaptive-computation "
                     "language models built on ResNet-BK.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=f"{EXIT_CODES}\n\n{KNOBS_HELP}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="the main job: train, measure and report every technique")
+    p = sub.add_parser("run", help="the main job: train, measure and report every technique",
+                       description="Train the dense model, fine-tune and measure every "
+                                   "technique at its default knobs, print the table and write "
+                                   "results, speedups.png and the HTML report (OUTPUT/report).")
     add_setup_arguments(p)
     p.add_argument("--techniques", nargs="+", help="only these registered techniques")
     p.add_argument("--record", action="store_true",
@@ -269,15 +374,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_setup_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("measure", help="measure one technique against the dense baseline")
+    p = sub.add_parser("techniques", help="list the techniques and their knobs",
+                       description="Each registered technique with its knobs: type, default, "
+                                   "valid values and meaning.")
+    p.add_argument("names", nargs="*", metavar="TECHNIQUE", help="only these (default: all)")
+    p.set_defaults(func=cmd_techniques)
+
+    p = sub.add_parser("measure", help="measure one technique against the dense baseline",
+                       epilog=KNOBS_HELP)
     p.add_argument("technique")
-    p.add_argument("--knob", type=parse_setting, action="append", metavar="NAME=VALUE")
+    p.add_argument("--knob", type=parse_setting, action="append", metavar="NAME=VALUE",
+                   help="a knob value (repeatable); checked before anything trains")
     add_setup_arguments(p)
     p.set_defaults(func=cmd_measure)
 
-    p = sub.add_parser("sweep", help="measure a technique at each value of one knob")
+    p = sub.add_parser("sweep", help="measure a technique at each value of one knob",
+                       epilog=KNOBS_HELP)
     p.add_argument("technique")
-    p.add_argument("--knob", type=parse_values, required=True, metavar="NAME=V1,V2,...")
+    p.add_argument("--knob", type=parse_values, required=True, metavar="NAME=V1,V2,...",
+                   help="the knob and its values; every value is checked before anything "
+                        "trains")
     p.add_argument("--set", type=parse_setting, action="append", metavar="NAME=VALUE",
                    help="other knobs held fixed")
     add_setup_arguments(p)
@@ -288,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--techniques", nargs="+", help="only these registered techniques")
     p.add_argument("--tolerance", type=fraction,
                    help="relative speedup drop that fails the check (default: target.json)")
-    p.add_argument("--baselines", type=Path, default=BASELINES,
+    p.add_argument("--baselines", type=Path,
                    help="folder with target.json and records/ (default: the repository's "
                         "baselines/)")
     add_allow_dirty(p)
@@ -296,24 +412,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_baseline)
 
     for name, (module, help_text) in PLUGINS.items():
-        try:
-            plugin = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
+        if importlib.util.find_spec(module) is None:  # an optional plugin that is not there
             continue
-        p = sub.add_parser(name, help=help_text)
-        plugin.add_arguments(p)
-        p.set_defaults(func=plugin.run)
+        p = sub.add_parser(name, help=help_text, epilog=PLUGIN_EPILOGS.get(name))
+        p.set_defaults(func=functools.partial(run_plugin, module))
+        if plugins is None or name in plugins:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def _out_of_memory(err: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # imported by every command that can run out of memory
+    if isinstance(err, MemoryError) or (torch is not None
+                                        and isinstance(err, torch.OutOfMemoryError)):
+        return True
     text = str(err).lower()
-    return isinstance(err, MemoryError | torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError)
-        and any(m in text for m in ("can't allocate memory", "out of memory",
-                                    "not enough memory")))
+    return isinstance(err, RuntimeError) and any(
+        m in text for m in ("can't allocate memory", "out of memory", "not enough memory"))
 
 
 def _memory_advice(args: argparse.Namespace) -> str:
@@ -330,7 +445,12 @@ def _terminate(signum: int, frame: Any) -> NoReturn:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; see EXIT_CODES. Bad input is one line on stderr and exit 2, never a
     traceback."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser([command] if command in PLUGINS else []).parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)  # timing is single-threaded everywhere (two threads: ~10x noisier)
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:

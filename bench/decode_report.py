@@ -19,17 +19,13 @@ import argparse
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING
 
 from bench.cli import scale_name
 from bench.files import dump_json, write_atomic
-from bench.measure import paired_speedup, torch_threads
-from bk.decode import decode
-from bk.maxent_ts import LogLikelihoodReward, MaxEntTS, SearchConfig
-from bk.model import LanguageModel, ModelConfig
-from bk.train import load_model
+
+if TYPE_CHECKING:  # the model code is imported where it runs: `bk-bench decode --help` needs none
+    from bk.model import LanguageModel
 
 
 def _ints(text: str) -> list[int]:
@@ -73,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _models(args: argparse.Namespace) -> tuple[LanguageModel, LanguageModel]:
     """The model to decode with and an independently initialised second model (the reward)."""
+    import torch
+
+    from bk.model import LanguageModel, ModelConfig
+    from bk.train import load_model
+
     if args.checkpoint is not None:
         model, _ = load_model(args.checkpoint)
         cfg = model.cfg
@@ -96,6 +97,11 @@ def generation_rows(model: LanguageModel, args: argparse.Namespace) -> list[dict
     with recomputation (the kernel and the torch step do the same work; only the speed of one
     step differs). The quality check is exact: ``same_tokens`` says whether the cached run
     generated the very tokens recomputation did."""
+    import torch
+
+    from bench.measure import paired_speedup
+    from bk.decode import decode
+
     rows = []
     for batch in args.batch:
         for tokens in args.tokens:
@@ -124,6 +130,8 @@ def generation_rows(model: LanguageModel, args: argparse.Namespace) -> list[dict
 
 def _searcher(model, scorer, prompts, config):
     """A timed call: one search per prompt; returns the mean best reward."""
+    from bk.maxent_ts import LogLikelihoodReward, MaxEntTS
+
     def run() -> float:
         total = 0.0
         for prompt in prompts:
@@ -135,6 +143,11 @@ def _searcher(model, scorer, prompts, config):
 
 def search_rows(model: LanguageModel, scorer: LanguageModel, args: argparse.Namespace
                 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    import torch
+
+    from bench.measure import paired_speedup
+    from bk.maxent_ts import SearchConfig
+
     g = torch.Generator().manual_seed(args.seed + 2)
     prompts = [torch.randint(model.cfg.vocab_size, (args.prompt_length,), generator=g)
                for _ in range(args.samples)]
@@ -175,11 +188,15 @@ def search_rows(model: LanguageModel, scorer: LanguageModel, args: argparse.Name
 
 
 def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
+    import pandas as pd
+
     if rows:
         write_atomic(path, pd.DataFrame(rows).to_csv(index=False))
 
 
 def _print_table(title: str, rows: list[dict[str, object]]) -> None:
+    import pandas as pd
+
     print(f"\n{title}")
     if not rows:
         return
@@ -190,6 +207,10 @@ def _print_table(title: str, rows: list[dict[str, object]]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from bench.measure import torch_threads
+
     if args.prompt_length < 1 or args.samples < 1 or args.rounds < 1 or args.top_k < 1:
         raise ValueError("--prompt-length, --samples, --rounds and --top-k must be >= 1")
     model, scorer = _models(args)

@@ -1,9 +1,11 @@
 """`bk-bench report`: one static HTML page over everything bk-bench has measured.
 
-Inputs, each optional: the results of ``bk-bench run`` (results.json), the per-commit records in
-``baselines/``, tuner folders (optimization_results.json, best_config.json), asv's results and its
-published HTML. Output: ``<output>/index.html`` and its PNGs. The page has no scripts, no external
-resources and only relative links, so it loads offline.
+Inputs, each optional: the results of ``bk-bench run`` (results.json, and tokens.json beside
+it), the per-commit records in ``baselines/``, tuner folders (optimization_results.json,
+best_config.json), asv's results and its published HTML. Output: ``<output>/index.html`` and its
+PNGs. The page has no scripts, no external resources and only relative links, so it loads
+offline, and it stands alone: it opens with the headline and the speed-against-quality figure,
+says how to read them, and carries asv's per-commit series as static plots and tables.
 """
 
 from __future__ import annotations
@@ -17,14 +19,19 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bench.baselines import BASELINES, Target, history, record_scale
+from bench import console
+from bench.figures import Series, SpeedPoint, asv_history, speed_quality
 from bench.files import figure_writer, read_json, write_atomic
 from bench.rows import Row, knobs_text, pareto_front
 
+if TYPE_CHECKING:
+    from bench.baselines import Target
+
 GAP_FLAG = 1.5  # FLOPs and wall speedups differing by more than this factor are flagged
 ASV_DEFAULT_THRESHOLD = 0.05  # asv's own default when no regressions_thresholds regex matches
+ASV_RESULTS, ASV_HTML, ASV_CONFIG = Path(".asv/results"), Path(".asv/html"), Path("asv.conf.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +93,52 @@ def _run_record(record: dict[str, Any], where: str) -> dict[str, Any]:
         _number(record["cumulative"].get("speedup"), f"{where}: record cumulative speedup",
                 required=True)
     return record
+
+
+@dataclass(frozen=True)
+class TokenView:
+    """tokens.json of ``bk-bench run`` (``bench.tokens``): a passage of test text and each
+    technique's per-token statistics over it."""
+
+    path: Path
+    tokens: list[str]
+    level: str
+    window: int
+    n_layers: int
+    techniques: dict[str, dict[str, list[float]]]
+
+
+def load_tokens(path: Path) -> TokenView | None:
+    """The per-token statistics file, checked: one finite value per token for every statistic
+    (None when the file is absent)."""
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    tokens = data.get("tokens") if isinstance(data, dict) else None
+    if (not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens)
+            or not isinstance(data.get("techniques"), dict)):
+        raise ValueError(f"{path} is not a bk-bench tokens file (expected 'tokens', a list of "
+                         "strings, and 'techniques', an object)")
+    sizes = {}
+    for name in ("window", "n_layers"):
+        size = data.get(name)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{path}: {name} is {size!r}; expected a positive integer")
+        sizes[name] = size
+    techniques = {}
+    for name, stats in data["techniques"].items():
+        what = f"{path}: technique {name!r}"
+        if not isinstance(stats, dict):
+            raise ValueError(f"{what} is not an object of per-token statistics")
+        for stat, values in stats.items():
+            if not isinstance(values, list) or len(values) != len(tokens):
+                raise ValueError(f"{what} {stat}: expected a list of {len(tokens)} values, one "
+                                 "per token")
+            for v in values:
+                _number(v, f"{what} {stat}", required=True)
+        techniques[str(name)] = {str(k): [float(v) for v in vs] for k, vs in stats.items()}
+    return TokenView(path, tokens, str(data.get("level", "char")), sizes["window"],
+                     sizes["n_layers"], techniques)
 
 
 @dataclass(frozen=True)
@@ -214,9 +267,21 @@ class AsvComparison:
 
 
 @dataclass(frozen=True)
+class AsvHistory:
+    """Every commit asv measured on one machine and environment, oldest first, and each
+    benchmark's value at each (``Series``)."""
+
+    machine: str
+    env: str
+    commits: list[str]
+    series: list[Series]
+
+
+@dataclass(frozen=True)
 class AsvSummary:
     comparisons: list[AsvComparison] = field(default_factory=list)
     problem: str | None = None
+    histories: list[AsvHistory] = field(default_factory=list)
 
 
 def asv_thresholds(config: Path) -> dict[str, float]:
@@ -242,8 +307,30 @@ def _asv_value(value: Any, what: str) -> float | None:
     return _number(value, what)
 
 
+def asv_series(runs: Sequence[Any], units: dict[str, str]) -> list[Series]:
+    """Each benchmark's value at each of ``runs`` (asv ``Results``, in order), per parameter
+    combination of the newest run that has the benchmark; failed and skipped are None."""
+    series = []
+    keys = sorted({key for r in runs for key in r.get_all_result_keys()})
+    for key in keys:
+        params = next(r for r in reversed(runs)
+                      if key in r.get_all_result_keys()).get_result_params(key)
+        labels = [", ".join(combo) for combo in itertools.product(*params)]
+        columns = []
+        for r in runs:
+            values = (r.get_result_value(key, params) if key in r.get_all_result_keys()
+                      else None) or [None] * len(labels)
+            columns.append([_asv_value(v, f"asv {r.commit_hash[:8]} {key}") for v in values])
+        for i, label in enumerate(labels):
+            values = tuple(None if i >= len(c) or c[i] is None or math.isnan(c[i]) else c[i]
+                           for c in columns)
+            series.append(Series(key, label, units.get(key, ""), values))
+    return series
+
+
 def load_asv(results_dir: Path, config: Path) -> AsvSummary:
-    """The last two commits per machine and environment, compared benchmark by benchmark."""
+    """Per machine and environment: the history of every benchmark, and the last two commits
+    compared benchmark by benchmark."""
     if not results_dir.is_dir():
         return AsvSummary(problem=f"no asv results in {results_dir}: run `asv run` or "
                                   f"`asv continuous main HEAD` first")
@@ -261,9 +348,11 @@ def load_asv(results_dir: Path, config: Path) -> AsvSummary:
     groups: dict[tuple[str, str], list[Any]] = {}
     for res in iter_results(str(results_dir)):
         groups.setdefault((res.params.get("machine", "?"), res.env_name), []).append(res)
-    comparisons = []
+    comparisons, histories = [], []
     for (machine, env), runs in sorted(groups.items()):
         runs.sort(key=lambda r: (r.date or 0, r.commit_hash))
+        histories.append(AsvHistory(machine, env, [r.commit_hash for r in runs],
+                                    asv_series(runs, units)))
         if len(runs) < 2:
             continue
         old, new = runs[-2], runs[-1]
@@ -283,8 +372,8 @@ def load_asv(results_dir: Path, config: Path) -> AsvSummary:
         comparisons.append(AsvComparison(machine, env, old.commit_hash, new.commit_hash, changes))
     if not comparisons:
         return AsvSummary(problem=f"the asv results in {results_dir} hold fewer than two commits "
-                                  f"per machine; nothing to compare yet")
-    return AsvSummary(comparisons)
+                                  f"per machine; nothing to compare yet", histories=histories)
+    return AsvSummary(comparisons, histories=histories)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,23 +582,19 @@ def section_techniques(results: RunResults | None, budget: float, out: Path) -> 
         f"dense path is suspect. Rows are flagged when the two differ by more than "
         f"{GAP_FLAG:g}x. The dense row is an A/A comparison: its spread is the noise.</div>",
         table(header, cells, classes, notes=True),
-        _quality_note(rec, budget),
+        _quality_note(rec),
     ])
 
 
-def _quality_note(record: dict[str, Any], budget: float) -> str:
+def _quality_note(record: dict[str, Any]) -> str:
     quality = record.get("quality") or {}
-    cum = record.get("cumulative") or {}
-    parts = []
-    if "dense_test_bits" in quality:
-        parts.append(f"dense test: {quality['dense_test_bits']:.3f} bits/char (perplexity "
-                     f"{quality.get('dense_test_perplexity', float('nan')):.2f}); unigram "
-                     f"{quality.get('unigram_test_bits', float('nan')):.3f}, bigram "
-                     f"{quality.get('bigram_test_bits', float('nan')):.3f} bits/char.")
-    if cum:
-        parts.append(f"Cumulative speedup of this run: {float(cum['speedup']):.2f}x from "
-                     f"{cum.get('source', '?')}; quality budget +{budget:.0%}.")
-    return "".join(f"<p>{esc(p)}</p>" for p in parts)
+    if "dense_test_bits" not in quality:
+        return ""
+    return (f"<p>dense test: {quality['dense_test_bits']:.3f} bits/char (perplexity "
+            f"{quality.get('dense_test_perplexity', float('nan')):.2f}); unigram "
+            f"{quality.get('unigram_test_bits', float('nan')):.3f}, bigram "
+            f"{quality.get('bigram_test_bits', float('nan')):.3f} bits/char. The cumulative "
+            "speedup of this run is the headline at the top.</p>")
 
 
 def _best_config(best: dict[str, Any]) -> str:
@@ -558,6 +643,8 @@ def section_tuning(tunings: Sequence[Tuning], out: Path) -> str:
 
 def section_cumulative(records: Sequence[dict[str, Any]], target: Target, out: Path) -> str:
     """One history per model scale: a comparison never mixes scales."""
+    from bench.baselines import record_scale
+
     if not records:
         return ("<p class=missing>No baseline record yet: <code>bk-bench baseline record</code> "
                 "adds one per commit to <code>baselines/records/</code>.</p>")
@@ -577,11 +664,10 @@ def _scale_history(records: Sequence[dict[str, Any]], target: Target, out: Path,
              fmt(r["cumulative"]["speedup"]),
              esc(r["cumulative"].get("source", "")),
              "yes" if r["cumulative"]["counts"] else "no"] for r in records]
-    latest = float(records[-1]["cumulative"]["speedup"])
+    latest = console.headline(records[-1]["cumulative"], target.cumulative_speedup,
+                              target.quality_budget)
     return "".join([
-        f"<p>Latest: <b>{latest:.2f}x</b> of the {target.cumulative_speedup:g}x target "
-        f"({latest / target.cumulative_speedup:.0%}), quality budget "
-        f"+{target.quality_budget:.0%}.</p>",
+        f"<p>Latest record ({esc(str(records[-1]['commit'])[:10])}): <b>{esc(latest)}</b>.</p>",
         figure(png,
                f"Line plot of the cumulative wall speedup over {len(records)} recorded commits "
                f"with the {target.cumulative_speedup:g}x target line; filled markers count, "
@@ -591,6 +677,199 @@ def _scale_history(records: Sequence[dict[str, Any]], target: Target, out: Path,
         table(["commit", "date", "cumulative speedup", "source", "counts?"], rows,
               ["" if r["cumulative"]["counts"] else "miss" for r in records]),
     ])
+
+
+def speed_points(rows: Sequence[Row], target: Target) -> list[SpeedPoint]:
+    return [SpeedPoint(r.technique, r.wall_speedup, r.wall_q1, r.wall_q3, r.quality_delta,
+                       None if r.quality_delta is None else target.counts(r.quality_delta),
+                       bool(r.noise_warning)) for r in rows]
+
+
+def section_summary(results: RunResults | None, records: Sequence[dict[str, Any]],
+                    target: Target, noise_limit: float, out: Path) -> str:
+    """The page's opening: the headline, the speed-against-quality figure and how to read it."""
+    source = results.record if results is not None and results.record.get("cumulative") else (
+        records[-1] if records else None)
+    budget = target.quality_budget
+    parts = []
+    if source is not None:
+        label = ("this run" if results is not None and source is results.record
+                 else f"the latest record, {str(source.get('commit', ''))[:10]}")
+        rows = results.rows if results is not None and source is results.record else []
+        chosen = source["cumulative"].get("source")
+        noisy = any(r.noise_warning for r in rows if r.technique == chosen)
+        text = console.headline(source["cumulative"], target.cumulative_speedup, budget, noisy)
+        parts.append(f"<p class=headline>{esc(text)} <small>({esc(label)})</small></p>")
+    if results is None or not results.rows:
+        parts.append("<p class=missing>No run results: <code>bk-bench run</code> writes them "
+                     "(and this page, in <code>runs/report/</code>).</p>")
+        return "".join(parts)
+    setup = results.record.get("setup") or {}
+    write_atomic(out / "speed_quality.png",
+                 speed_quality(speed_points(results.rows, target), budget,
+                               target.cumulative_speedup, console.setup_title(setup)))
+    noisy = sum(bool(r.noise_warning) for r in results.rows)
+    over = [r.technique for r in results.rows
+            if r.quality_delta is not None and not target.counts(r.quality_delta)]
+    parts.append(figure(
+        "speed_quality.png",
+        f"Scatter of wall speedup (log scale, interquartile bars) against test perplexity change "
+        f"for {len(results.rows)} techniques at {console.setup_title(setup)}, with the "
+        f"+{budget:.0%} quality budget, the {target.cumulative_speedup:g}x target and the goal "
+        "region; techniques over the budget are red crosses, noisy ones hollow.",
+        "Up is faster, left is better quality. Only techniques left of the dashed red budget "
+        "line count toward the target; the shaded green corner is the goal."))
+    reading = [
+        f"<b>Wall speedup</b> is measured: dense time over technique time, paired in one process "
+        f"on one thread, the median of the per-round ratios; the bars are its interquartile range "
+        f"(IQR). {noisy} of {len(results.rows)} rows are <b>noisy</b> (IQR above "
+        f"{noise_limit:.0%} of the median): read those as ranges, not figures.",
+        f"<b>Quality</b> is the test perplexity change against the dense model trained as long; "
+        f"the budget is +{budget:.0%}. "
+        + (f"Over the budget, so not counted however fast: {esc(', '.join(over))}."
+           if over else "Every technique with a quality figure is within it."),
+        "The dense row is the dense model against itself (A/A): its spread is the noise floor.",
+    ]
+    parts.append("<ul>" + "".join(f"<li>{r}</li>" for r in reading) + "</ul>")
+    return "".join(parts)
+
+
+# Per-token statistics: what each means and its largest possible value (None: the largest seen).
+STAT_WORDS = {"layers_per_token": "layers run", "exit_layer": "exit layer",
+              "experts_per_token": "experts used (mean over layers)",
+              "sparsity": "share of layers skipped", "length": "computed length of its window"}
+SHADES = 10  # background shades s0 (no work) .. s10 (the most)
+PRIMARY = ("layers_per_token", "exit_layer", "experts_per_token", "sparsity")
+
+
+def stat_words(stat: str) -> str:
+    if stat.startswith("tier_"):
+        return f"share of layers routed by the {stat.removeprefix('tier_')} tier"
+    return STAT_WORDS.get(stat, stat.replace("_", " "))
+
+
+def stat_top(stat: str, view: TokenView) -> float:
+    """The value shaded darkest: the most a token can get where that is known."""
+    if stat in ("layers_per_token", "exit_layer"):
+        return float(view.n_layers)
+    if stat == "length":
+        return float(view.window)
+    if stat == "sparsity" or stat.startswith("tier_"):
+        return 1.0
+    seen = [v for stats in view.techniques.values() for v in stats.get(stat, [])]
+    return max([1e-9, *seen])
+
+
+def shade_css() -> str:
+    """White to dark blue in SHADES + 1 steps; light text on the dark half."""
+    rules = []
+    for i in range(SHADES + 1):
+        t = i / SHADES
+        rgb = [round(255 + (end - 255) * t) for end in (8, 48, 107)]
+        colour = "#{:02x}{:02x}{:02x}".format(*rgb)
+        rules.append(f".s{i}{{background:{colour}" + (";color:#fff}" if t > 0.55 else "}"))
+    return "".join(rules)
+
+
+def shaded_passage(view: TokenView, stat: str, values: Sequence[float]) -> str:
+    """The passage as spans, each run of tokens with equal values in one span whose class is its
+    shade and whose title is the value; a new window starts with a marked span."""
+    top = stat_top(stat, view)
+    sep = "" if view.level == "char" else " "
+    spans, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i < len(values) and values[i] == values[start] and i % view.window:
+            continue
+        text = sep.join(view.tokens[start:i]).replace("\n", "\u21b5\n")
+        level = round(SHADES * min(max(values[start] / top, 0.0), 1.0))
+        window = " w" if start and start % view.window == 0 else ""
+        spans.append(f'<span class="s{level}{window}" title="{esc(stat_words(stat))} '
+                     f'{values[start]:.3g}">{esc(text)}</span>')
+        start = i
+    return f"<div class=tokens>{sep.join(spans)}</div>"
+
+
+def _ramp(stat: str, view: TokenView) -> str:
+    top = stat_top(stat, view)
+    cells = "".join(f'<span class="s{i}">&nbsp;{top * i / SHADES:.3g}&nbsp;</span>'
+                    for i in range(0, SHADES + 1, 2))
+    return f"<span class=ramp>{esc(stat_words(stat))}: {cells}</span>"
+
+
+def section_tokens(view: TokenView | None, order: Sequence[str]) -> str:
+    if view is None:
+        return ("<p class=missing>No per-token statistics: <code>bk-bench run</code> writes "
+                "<code>tokens.json</code> beside <code>results.json</code>.</p>")
+    windows = math.ceil(len(view.tokens) / view.window)
+    parts = [f"<p>The first {len(view.tokens)} tokens of the timed test text ({windows} windows "
+             f"of {view.window}; each window starts from a fresh state, as it is timed, and a new "
+             "one is marked by a pink bar). Each token is shaded by the work it received in each "
+             "technique's model: white is none, dark is the most it can get (all "
+             f"{view.n_layers} layers for layers run); hover a token for its value. Constant "
+             "shading means the technique decides per sequence or not at all.</p>"]
+    names = [n for n in order if n in view.techniques]
+    names += [n for n in view.techniques if n not in names]
+    passages = []
+    for name in names:
+        stats = view.techniques[name]
+        if not stats:
+            continue
+        varying = [s for s in PRIMARY if s in stats and len(set(stats[s])) > 1]
+        primary = (varying or [s for s in PRIMARY if s in stats] or sorted(stats))[0]
+        values = stats[primary]
+        block = [f"<h3>{esc(name)} <small>{esc(stat_words(primary))}: mean "
+                 f"{sum(values) / len(values):.2f}, min {min(values):.3g}, max "
+                 f"{max(values):.3g}</small></h3>{_ramp(primary, view)}"
+                 f"{shaded_passage(view, primary, values)}"]
+        for stat in sorted(stats):
+            if stat != primary:
+                block.append(f"<details><summary>{esc(name)}: {esc(stat_words(stat))}</summary>"
+                             f"{_ramp(stat, view)}{shaded_passage(view, stat, stats[stat])}"
+                             "</details>")
+        passages.append(f"<div>{''.join(block)}</div>")
+    return "".join(parts) + f"<div class=passages>{''.join(passages)}</div>"
+
+
+def asv_meaning() -> str:
+    """What asv's figures measure, against the records (from the gate's own settings)."""
+    from bench import gate
+
+    return (
+        "<div class=callout><b>Two figures, two questions.</b> asv's <code>bench_techniques"
+        "</code> ratios (<code>track_time_ratio</code>: technique time over dense time, lower is "
+        f"faster) come from models trained for only {gate.STEPS} dense steps at each commit, "
+        f"timed on {gate.WORKLOAD_BATCHES} test batches, without quality: they exist to catch a "
+        "commit that makes the code slower, and the CI gate fails on them (factor and passes in "
+        "<code>baselines/gate.json</code>). A technique's decisions depend on its training, so "
+        "these ratios are not its speedup. The authoritative figures are the records of "
+        "<code>bk-bench run</code> / <code>bk-bench baseline record</code> (the techniques "
+        "section and the cumulative history above): fully trained models, the whole test "
+        "split, quality against the budget. The asv <code>track_speedup</code> is 1 / ratio, "
+        "ungated.</div>")
+
+
+def section_asv_history(summary: AsvSummary, out: Path) -> str:
+    """asv's per-commit series as static plots and tables (no scripts, works offline)."""
+    parts = []
+    for i, h in enumerate(summary.histories):
+        shown = h.commits[-6:]
+        parts.append(f"<h3>History: {esc(h.machine)} <small>{esc(h.env)}, {len(h.commits)} "
+                     f"commits</small></h3>")
+        suites = list(dict.fromkeys(s.benchmark.split(".", 1)[0] for s in h.series))
+        for suite in suites:
+            series = [s for s in h.series if s.benchmark.split(".", 1)[0] == suite]
+            png = f"asv-{i}-{suite}.png"
+            write_atomic(out / png, asv_history(h.commits, series,
+                                                f"{suite}: by commit, oldest first"))
+            parts.append(figure(png, f"Line plots of the {len(series)} {suite} benchmark values "
+                                     f"over {len(h.commits)} commits, one panel per benchmark.",
+                                f"{suite}: each benchmark by commit (a gap: failed or skipped)."))
+            header = ["benchmark", "parameters", "unit", *(c[:8] for c in shown)]
+            rows = [[esc(s.benchmark), esc(s.params), esc(s.unit),
+                     *(fmt(v, "{:.4g}") for v in s.values[-len(shown):])] for s in series]
+            parts.append(f"<details><summary>{esc(suite)}: the values of the last {len(shown)} "
+                         f"commits</summary>{table(header, rows)}</details>")
+    return "".join(parts)
 
 
 def section_asv(summary: AsvSummary, asv_html: Path, out: Path) -> str:
@@ -607,14 +886,15 @@ def section_asv(summary: AsvSummary, asv_html: Path, out: Path) -> str:
     else:
         parts = [f"<p class=missing>asv's HTML is not published at {esc(asv_html)}: run "
                  "<code>asv publish</code> (writes it from the results), then "
-                 "<code>asv preview</code> to browse it.</p>"]
+                 "<code>asv preview</code> to browse it; the history below needs neither.</p>"]
+    parts.insert(0, asv_meaning())
     if summary.problem:
         parts.append(f"<p class=missing>{esc(summary.problem)}</p>")
     for c in summary.comparisons:
         counts = {s: sum(ch.status == s for ch in c.changes)
                   for s in ("worse", "better", "same", "new", "new failure", "failing", "skipped")}
         tally = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-        parts.append(f"<h3>{esc(c.machine)} <small>{esc(c.env)}</small></h3>"
+        parts.append(f"<h3>Last two commits: {esc(c.machine)} <small>{esc(c.env)}</small></h3>"
                      f"<p>{esc(c.before[:8])} &rarr; {esc(c.after[:8])}: {esc(tally)}. A ratio "
                      "is new / old, judged against the threshold asv publish would use "
                      "(asv.conf.json regressions_thresholds); asv reads every rise as worse (it "
@@ -635,6 +915,7 @@ def section_asv(summary: AsvSummary, asv_html: Path, out: Path) -> str:
                      if flagged else "<p>No benchmark moved beyond its threshold.</p>")
         parts.append(f"<details><summary>all {len(rows)} results</summary>"
                      f"{table(header, rows, classes)}</details>")
+    parts.append(section_asv_history(summary, out))
     return "".join(parts)
 
 
@@ -671,46 +952,70 @@ th{background:#f5f5f5}tr.flag td{background:#fff4e0}tr.miss td{color:#a33}
 .callout{background:#eef5fc;border-left:4px solid #1f77b4;padding:8px 12px;margin:12px 0}
 .missing{color:#666;font-style:italic}.meta{color:#555;font-size:13px}
 code{background:#f3f3f3;padding:1px 4px;border-radius:3px}
-"""
+.headline{font-size:19px;font-weight:600;margin:16px 0}
+.passages{display:grid;grid-template-columns:repeat(auto-fill,minmax(600px,1fr));gap:0 24px}
+.tokens{font:12px/1.7 ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;
+border:1px solid #ddd;padding:8px}
+.tokens .w{border-left:3px solid #e377c2}
+.ramp{font-size:12px;color:#555}.ramp span{font:11px ui-monospace,monospace}
+details{margin:6px 0}summary{cursor:pointer;color:#1f5f9f}
+""" + shade_css()
 
 
 @dataclass(frozen=True)
 class Inputs:
     results: Path | None
-    baselines: Path
+    baselines: Path | None  # None: the repository's baselines/
     tunings: tuple[Path, ...]
     asv_results: Path
     asv_html: Path
     asv_config: Path
 
+    @classmethod
+    def defaults(cls, results: Path | None) -> Inputs:
+        """The report over ``results`` with every other input where bk-bench puts it."""
+        return cls(results, None, (), ASV_RESULTS, ASV_HTML, ASV_CONFIG)
+
 
 def build(inputs: Inputs, out: Path) -> Path:
     """Write ``out/index.html`` and its PNGs; returns the page's path."""
+    from bench.baselines import BASELINES, Target, history
+    from bench.measure import NOISE_LIMIT
+
     out.mkdir(parents=True, exist_ok=True)
-    target_file = inputs.baselines / "target.json"
-    target = Target.load(inputs.baselines) if target_file.is_file() else Target.load()
+    root = inputs.baselines or BASELINES
+    target = Target.load(root) if (root / "target.json").is_file() else Target.load()
     results = load_results(inputs.results) if inputs.results is not None else None
-    records = history(inputs.baselines)
+    tokens = load_tokens(inputs.results.parent / "tokens.json") if inputs.results else None
+    records = history(root)
     tunings = [load_tuning(folder, target.quality_budget) for folder in inputs.tunings]
     summary = load_asv(inputs.asv_results, inputs.asv_config)
+    order = [r.technique for r in results.rows] if results is not None else []
     sections: list[tuple[str, str, Callable[[], str]]] = [
+        ("summary", "At a glance",
+         lambda: section_summary(results, records, target, NOISE_LIMIT, out)),
         ("techniques", "Techniques",
          lambda: section_techniques(results, target.quality_budget, out)),
+        ("tokens", "Where the compute goes", lambda: section_tokens(tokens, order)),
         ("tuning", "Tuning: Pareto fronts",
          lambda: section_tuning(tunings, out)),
         ("cumulative", "Cumulative speedup by commit",
          lambda: section_cumulative(records, target, out)),
-        ("asv", "asv regression summary", lambda: section_asv(summary, inputs.asv_html, out)),
+        ("asv", "asv: per-commit benchmarks",
+         lambda: section_asv(summary, inputs.asv_html, out)),
     ]
     body = "".join(f'<section id="{key}"><h2>{esc(title)}</h2>{render()}</section>'
                    for key, title, render in sections)
     nav = "".join(f'<a href="#{key}">{esc(title)}</a>' for key, title, _ in sections)
+    scale = ((results.record.get("setup") or {}).get("scale", "tiny") if results is not None
+             else None)
     page = (
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
         '<meta name=viewport content="width=device-width, initial-scale=1">'
         '<link rel=icon href="data:,">'  # no favicon request, so no 404 in the console
         f"<title>bk-bench report</title><style>{STYLE}</style></head><body>"
-        f"<h1>bk-bench report</h1><p class=meta>Target: {target.cumulative_speedup:g}x "
+        "<h1>bk-bench report" + (f" <small>scale {esc(scale)}</small>" if scale else "")
+        + f"</h1><p class=meta>Target: {target.cumulative_speedup:g}x "
         f"cumulative wall speedup within +{target.quality_budget:.0%} test perplexity. "
         f"Speedups are paired, in-process, one-thread timing ratios.</p><nav>{nav}</nav>"
         f"{body}</body></html>\n")
@@ -722,15 +1027,15 @@ def build(inputs: Inputs, out: Path) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", type=Path, default=None,
                         help="results.json of `bk-bench run` (default: runs/results.json if "
-                             "present)")
-    parser.add_argument("--baselines", type=Path, default=BASELINES,
+                             "present); its tokens.json beside it is read too")
+    parser.add_argument("--baselines", type=Path,
                         help="folder with target.json and records/ (default: the repository's "
                              "baselines/)")
     parser.add_argument("--tuning", type=Path, nargs="+", action="extend", default=[],
                         metavar="DIR", help="tuner output folders (bk-bench tune --output)")
-    parser.add_argument("--asv-results", type=Path, default=Path(".asv/results"))
-    parser.add_argument("--asv-html", type=Path, default=Path(".asv/html"))
-    parser.add_argument("--asv-config", type=Path, default=Path("asv.conf.json"),
+    parser.add_argument("--asv-results", type=Path, default=ASV_RESULTS)
+    parser.add_argument("--asv-html", type=Path, default=ASV_HTML)
+    parser.add_argument("--asv-config", type=Path, default=ASV_CONFIG,
                         help="for its regressions_thresholds")
     parser.add_argument("--output", type=Path, default=Path("report"))
 

@@ -31,9 +31,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from bk.technique import KnobValue
+if TYPE_CHECKING:
+    from bk.technique import KnobValue
 
 PATTERNS = ("uniform", "per_token")
 DECISIONS = ("learned", "none")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -10,25 +9,16 @@ from typing import Any
 
 import pandas as pd
 
-from bench.baselines import Target, make_record
-from bench.files import dump_json, figure_writer, publish
+from bench.baselines import make_record
+from bench.console import setup_title
+from bench.figures import speed_points, speed_quality
+from bench.files import dump_json, publish
 from bench.pipeline import Bench, Setup
 from bench.progress import Progress
 from bench.registry import REFERENCE, techniques
 from bench.rows import Row
+from bench.tokens import passage_stats
 from bk.ngram import ngram_cross_entropy
-
-COLUMNS = {
-    "technique": "technique",
-    "knobs": "knobs",
-    "wall_speedup": "wall speedup",
-    "spread": "IQR",
-    "flops_speedup": "FLOPs speedup",
-    "work_ratio": "work ratio",
-    "quality_delta": "ppl delta",
-    "counts": "counts?",
-    "ceiling_uniform": "ceiling",
-}
 
 
 def frame(rows: Iterable[Row]) -> pd.DataFrame:
@@ -40,48 +30,6 @@ def frame(rows: Iterable[Row]) -> pd.DataFrame:
                           else f"{row.wall_q1:.2f}-{row.wall_q3:.2f}")
         flat.append(line)
     return pd.DataFrame(flat)
-
-
-def render(df: pd.DataFrame, extra: Iterable[str] = ()) -> str:
-    """A readable fixed-width table of the columns that matter."""
-    columns = [c for c in [*COLUMNS, *extra] if c in df.columns]
-    shown = df[columns].rename(columns=COLUMNS)
-    formats = {
-        "wall speedup": "{:.2f}x".format, "FLOPs speedup": "{:.2f}x".format,
-        "work ratio": "{:.2f}".format, "ceiling": "{:.2f}x".format,
-        "ppl delta": lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v))
-        else f"{v:+.1%}",
-    }
-    for name in shown.columns:
-        if name.startswith("mean_"):
-            formats[name] = "{:.2f}".format
-    return shown.to_string(index=False, formatters=formats)
-
-
-def plot(df: pd.DataFrame, target: Target) -> bytes:
-    """Wall speedup next to FLOPs speedup and 1/work ratio per technique (seaborn), as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    long = pd.DataFrame({
-        "technique": list(df["technique"]) * 3,
-        "measure": (["wall speedup"] * len(df) + ["FLOPs speedup"] * len(df)
-                    + ["1 / work ratio"] * len(df)),
-        "x": [*df["wall_speedup"], *df["flops_speedup"], *(1 / df["work_ratio"])],
-    })
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(df) + 2))
-    sns.barplot(data=long, y="technique", x="x", hue="measure", ax=ax)
-    ax.axvline(1.0, color="black", lw=0.8)
-    ax.set_xlabel("x over the dense baseline (wall speedup is the measured one)")
-    ax.set_title(f"bk-bench: speedups (target {target.cumulative_speedup:g}x cumulative)")
-    fig.tight_layout()
-    png = io.BytesIO()
-    figure_writer(fig)(png)
-    plt.close(fig)
-    return png.getvalue()
 
 
 def baseline_quality(bench: Bench) -> dict[str, float]:
@@ -116,10 +64,10 @@ def chosen(names: Iterable[str] | None = None) -> list[str]:
 
 def run(setup: Setup, names: Iterable[str] | None = None,
         commit: str = "uncommitted") -> dict[str, Any]:
-    """Measure everything (ceilings included), print the table, write results.json,
-    results.csv and speedups.png as one set (``bench.files.publish``: a reader never sees
-    files of two runs). Progress is reported by phase (``bench.progress``) unless
-    ``setup.progress`` is off."""
+    """Measure everything (ceilings included); write results.json, results.csv, speedups.png
+    (speed against quality) and tokens.json (per-token statistics for the report) as one set
+    (``bench.files.publish``: a reader never sees files of two runs). Progress is reported by
+    phase (``bench.progress``) unless ``setup.progress`` is off."""
     bench = Bench(setup)
     target = bench.target
     names = chosen(names)
@@ -133,24 +81,17 @@ def run(setup: Setup, names: Iterable[str] | None = None,
     finally:
         if setup.progress:
             progress.close()
-    df = frame(rows)
     record = make_record([r for r in rows if r.technique != REFERENCE], setup.describe(),
                          target, commit)
     record["quality"] = quality
-    out = setup.output
-    publish(out, "results", {
-        "results.json": dump_json({"record": record, "rows": [r.to_dict() for r in rows]}),
-        "results.csv": df.to_csv(index=False),
-        "speedups.png": plot(df, target)})
-    print(render(df))
-    print(f"\nscale {setup.scale}; dense test: {quality['dense_test_bits']:.3f} bits/char "
-          f"(perplexity {quality['dense_test_perplexity']:.2f}); unigram "
-          f"{quality['unigram_test_bits']:.3f}, bigram {quality['bigram_test_bits']:.3f} "
-          "bits/char")
-    cum = record["cumulative"]
-    print(f"cumulative speedup: {cum['speedup']:.2f}x ({cum['source']}) against the "
-          f"{target.cumulative_speedup:g}x target, quality budget +{target.quality_budget:.0%}")
-    print(f"results: {out / 'results.json'}, {out / 'results.csv'}, {out / 'speedups.png'}")
+    dicts = [r.to_dict() for r in rows]
+    figure = speed_quality(speed_points(dicts, target.counts), target.quality_budget,
+                           target.cumulative_speedup, setup_title(record["setup"]))
+    publish(setup.output, "results", {
+        "results.json": dump_json({"record": record, "rows": dicts}),
+        "results.csv": frame(rows).to_csv(index=False),
+        "speedups.png": figure,
+        "tokens.json": dump_json(passage_stats(bench, names))})
     return record
 
 

@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
@@ -39,11 +39,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bench.cli import add_setup_arguments, parse_values, positive_int, setup_from
 from bench.files import dump_json, figure_writer, publish, read_json, write_atomic
-from bench.pipeline import Bench, Setup
-from bench.registry import Knob, Technique, get
-from bench.rows import Row, RowError, pareto_front
-from bk.data import Corpus, load_corpus
-from bk.train import TrainingDiverged
+
+if TYPE_CHECKING:  # the model code is imported where it runs: `bk-bench tune --help` needs none
+    from bench.pipeline import Setup
+    from bench.registry import Knob, Technique
+    from bench.rows import Row
+    from bk.data import Corpus
 
 # (study direction, what the value is) for each --score-metric.
 SCORES = {
@@ -274,6 +275,9 @@ class _Worker:
         self.progress, self.poll_seconds = progress, poll_seconds
 
     def objective(self, trial: optuna.Trial) -> float:
+        from bench.rows import RowError
+        from bk.train import TrainingDiverged
+
         s = self.s
         knobs = (suggest(trial, s.technique, s.explicit) if s.method == "bayesian"
                  else {name: trial.suggest_categorical(name, values)
@@ -357,6 +361,8 @@ def trial_front(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The COMPLETE trials on the Pareto front (``bench.rows.pareto_front``: wall speedup max,
     quality delta min), from the single-objective study's recorded figures (no second study,
     no extra measurements)."""
+    from bench.rows import pareto_front
+
     done = [r for r in records if r["state"] == "COMPLETE"]
     return [done[i] for i in pareto_front(
         done, lambda r: (r["figures"]["wall_speedup"], r["figures"]["quality_delta"]))]
@@ -582,6 +588,8 @@ def explicit_values(args: argparse.Namespace, technique: Technique) -> dict[str,
                              f"{sorted(names) or 'none'}")
         if len(set(values)) != len(values):
             raise ValueError(f"values for {name} repeat: {values}")
+        for value in values:  # every value checked before anything trains
+            technique.resolve({name: value})
     return explicit
 
 
@@ -666,6 +674,10 @@ def _open_study(args: argparse.Namespace, settings: Settings, setup: Setup, corp
 
 
 def run(args: argparse.Namespace) -> int:
+    from bench.pipeline import Bench
+    from bench.registry import get
+    from bk.data import load_corpus
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # heartbeats and fail_stale_trials are marked experimental; they are what we rely on.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -698,6 +710,8 @@ def validate(path: Path, technique: Technique, setup: Setup, out: Path,
 
     The fine-tuning length is the one recorded with the configuration (its
     ``finetune_fraction``), else ``epochs`` times the technique's."""
+    from bench.pipeline import Bench
+
     chosen = read_json(path)
     if not isinstance(chosen, dict) or not isinstance(chosen.get("knobs"), dict):
         raise ValueError(f"{path} holds no configuration to validate (expected a best_config.json "

@@ -17,20 +17,25 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench import gate
 from bench.cli import main
 from bench.files import dump_json
 from bench.report import (
     AsvChange,
     Inputs,
+    TokenView,
     asv_threshold,
     build,
     external_hosts,
     load_results,
     load_tuning,
     pareto_front,
+    shaded_passage,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
+IMAGES = ["asv-0-bench_core.png", "asv-0-bench_model.png", "asv-0-bench_techniques.png",
+          "cumulative-tiny.png", "pareto-0.png", "speed_quality.png", "techniques.png"]
 TARGET = {"cumulative_speedup": 10.0, "quality_budget": 0.05, "stretch_quality_budget": 0.01,
           "check_tolerance": 0.10}
 EVIL = "<script>alert(1)</script>&moe"
@@ -55,6 +60,29 @@ def write_results(path, rows):
                           "unigram_test_bits": 4.5, "bigram_test_bits": 3.4}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_json({"record": record, "rows": rows}))
+    return path
+
+
+PASSAGE = "To be, or not <to> be:\nthat is the question & more."
+WINDOW = 16
+
+
+def layers_of(i):
+    """ACT's fabricated layers per token: 1 to 4, so every shade from light to dark occurs."""
+    return float(1 + i % 4)
+
+
+def write_tokens(path, techniques=None):
+    tokens = list(PASSAGE)
+    n = len(tokens)
+    techniques = techniques or {
+        "dense": {"layers_per_token": [4.0] * n},
+        "act": {"layers_per_token": [layers_of(i) for i in range(n)]},
+        EVIL: {"layers_per_token": [0.0] * n, "exit_layer": [2.0] * n},
+    }
+    path.write_text(json.dumps({"schema": 1, "corpus": "shakespeare", "level": "char",
+                                "window": WINDOW, "n_layers": 4, "tokens": tokens,
+                                "techniques": techniques}))
     return path
 
 
@@ -166,8 +194,9 @@ def make_inputs(tmp_path):
                                              (0.95, 1.2, 0.03), (0.99, 1.1, 0.001)])]
     trials.append({"number": 5, "state": "FAIL", "knobs": {"act_threshold": 0.7}})
     (tmp_path / "asv.conf.json").write_text(ASV_CONFIG)
+    write_tokens(write_results(tmp_path / "runs" / "results.json", rows).parent / "tokens.json")
     return Inputs(
-        results=write_results(tmp_path / "runs" / "results.json", rows),
+        results=tmp_path / "runs" / "results.json",
         baselines=write_baselines(tmp_path / "baselines",
                                   [(1.0, True), (1.3, True), (2.4, False), (1.5, True)]),
         tunings=(write_tuning(tmp_path / "tune-act", trials),),
@@ -208,7 +237,7 @@ def test_report_writes_index_and_every_image_it_shows(report):
     index = report
     page = parse(index)
     srcs = [img["src"] for img in page.images]
-    assert sorted(srcs) == ["cumulative-tiny.png", "pareto-0.png", "techniques.png"]
+    assert sorted(srcs) == IMAGES
     for img in page.images:
         assert (index.parent / img["src"]).read_bytes().startswith(PNG)
         assert len(img.get("alt", "")) > 20
@@ -353,6 +382,156 @@ def test_a_malformed_input_is_one_line_naming_its_file_never_a_traceback(tmp_pat
     assert str(path) in err
 
 
+def section(page, key):
+    """The HTML of one section of the page."""
+    text = page.read_text()
+    start = text.index(f'<section id="{key}">')
+    return text[start:text.index("</section>", start)]
+
+
+def test_the_page_opens_with_the_headline_and_the_speed_against_quality_figure(report):
+    summary = section(report, "summary")
+    text = " ".join(" ".join(parse_html(summary).text).split())
+    assert ("cumulative speedup 1.40x (act, within the +5% quality budget); target 10x, 7.1x "
+            "still to go (this run)") in text
+    assert [img["src"] for img in parse(report).images][0] == "speed_quality.png"
+    assert "1 of 4 rows are noisy" in text
+    assert f"Over the budget, so not counted however fast: {EVIL}" in text
+    assert "A/A" in text
+
+
+def test_the_cumulative_headline_never_reads_no_speedup_as_progress(tmp_path):
+    root = write_baselines(tmp_path / "baselines", [(1.3, True)])
+    latest = {"schema": 1, "commit": "f" * 40, "date": "2026-11-30T12:00:00+00:00",
+              "techniques": {}, "cumulative": {
+                  "speedup": 1.0, "counts": True,
+                  "source": "dense (no technique within budget is faster)"}}
+    (root / "records" / "20261130-ffffffffff.json").write_text(json.dumps(latest))
+    index = build(Inputs(None, root, (), tmp_path / "none", tmp_path / "none",
+                         tmp_path / "none.json"), tmp_path / "report")
+    text = " ".join("".join(parse(index).text).split())
+    headline = ("cumulative speedup 1.00x: no technique within the +5% quality budget is faster "
+                "than the dense model; target 10x")
+    assert f"{headline} (the latest record, ffffffffff)" in text  # the opening
+    assert f"Latest record (ffffffffff): {headline}." in text  # the history
+    assert "of the 10x target" not in text and "(10%)" not in text
+
+
+def parse_html(html):
+    p = PageParser()
+    p.feed(html)
+    return p
+
+
+class SpanParser(HTMLParser):
+    """The shaded spans of a passage: (class, title, text) each."""
+
+    def __init__(self):
+        super().__init__()
+        self.spans, self._open = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "span" and dict(attrs).get("class", "").startswith("s"):
+            self._open = [dict(attrs)["class"], dict(attrs).get("title", ""), ""]
+
+    def handle_endtag(self, tag):
+        if tag == "span" and self._open is not None:
+            self.spans.append(tuple(self._open))
+            self._open = None
+
+    def handle_data(self, data):
+        if self._open is not None:
+            self._open[2] += data
+
+
+def passages(html):
+    """Each shaded passage (a ``tokens`` div) as its spans."""
+    found = []
+    for chunk in html.split("<div class=tokens>")[1:]:
+        p = SpanParser()
+        p.feed(chunk[:chunk.index("</div>")])
+        found.append(p.spans)
+    return found
+
+
+def test_each_token_is_shaded_by_the_work_it_received(report):
+    html = section(report, "tokens")
+    heads = re.findall(r"<h3>(.*?) <small>", html)
+    assert heads == ["dense", "act", html_escape(EVIL)]  # in the order of the results table
+    dense, act, evil, evil_exit = passages(html)
+    shown = PASSAGE.replace("\n", "\u21b5\n")
+    for spans in (dense, act, evil, evil_exit):
+        assert "".join(text for _, _, text in spans) == shown  # every token, in order
+    assert {c.split()[0] for c, _, _ in dense} == {"s10"}  # all 4 of 4 layers: the darkest
+    assert [c for c, _, _ in dense] == ["s10", "s10 w", "s10 w", "s10 w"]  # a run per window
+    assert {c.split()[0] for c, _, _ in evil} == {"s0"}
+    position = 0
+    for klass, title, text in act:  # one span per token here: neighbours differ
+        assert len(text.replace("\u21b5", "")) == 1
+        value = layers_of(position)
+        assert klass.split()[0] == f"s{round(10 * value / 4)}" and title == f"layers run {value:g}"
+        assert ("w" in klass.split()) == (position > 0 and position % WINDOW == 0)
+        position += 1
+    assert "exit layer" in html and "&lt;" in html and "&amp;" in html and "<to>" not in html
+
+
+def html_escape(text):
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+@given(st.lists(st.one_of(st.sampled_from([0.0, 1.0, 4.0]), st.floats(0, 8)), min_size=1,
+                max_size=80), st.integers(1, 20))
+def test_a_shaded_passage_keeps_every_token_and_its_value(values, window):
+    tokens = [chr(97 + i % 26) for i in range(len(values))]
+    view = TokenView(None, tokens, "char", window, 8, {"t": {"layers_per_token": values}})
+    spans = passages(shaded_passage(view, "layers_per_token", values))[0]
+    assert "".join(text for _, _, text in spans) == "".join(tokens)
+    position = 0
+    for klass, title, text in spans:
+        run = values[position:position + len(text)]
+        assert len(set(run)) == 1 and title == f"layers run {run[0]:.3g}"
+        assert klass.split()[0] == f"s{round(10 * run[0] / 8)}"
+        assert ("w" in klass.split()) == (position > 0 and position % window == 0)
+        assert not any((position + k) % window == 0 for k in range(1, len(text)))
+        position += len(text)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["techniques"]["act"].update(layers_per_token=[1.0]), "expected a list of"),
+    (lambda d: d["techniques"]["act"]["layers_per_token"].__setitem__(0, "x"), "expected a number"),
+    (lambda d: d.update(tokens="text"), "is not a bk-bench tokens file"),
+    (lambda d: d.update(window=0), "window is 0"),
+])
+def test_a_malformed_tokens_file_is_one_line_naming_it(tmp_path, capsys, change, message):
+    results = write_results(tmp_path / "runs" / "results.json", [row("act", 2, 1.8, 2.2, 2, .5, 0)])
+    path = write_tokens(results.parent / "tokens.json")
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    assert main(["report", "--results", str(results), "--baselines", str(tmp_path / "none"),
+                 "--asv-results", str(tmp_path / "asv"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and message in err
+
+
+def test_the_asv_history_shows_every_commit_oldest_first(report):
+    html = section(report, "asv")
+    assert re.search(r"<th>11111111</th><th>22222222</th>", html)
+    assert re.search(r"time_forward</td><td>64</td><td>seconds</td><td>0\.01</td><td>0\.015</td>",
+                     html)
+    assert re.search(r"time_forward</td><td>256</td><td>seconds</td><td>n/a</td><td>n/a</td>",
+                     html)  # skipped at both
+    assert re.search(r"time_train_step</td><td></td><td>seconds</td><td>0\.5</td><td>n/a</td>",
+                     html)  # failing at the newer one
+
+
+def test_the_report_says_what_the_asv_ratios_measure_against_the_records(report):
+    text = " ".join(" ".join(parse_html(section(report, "asv")).text).split())
+    assert f"trained for only {gate.STEPS} dense steps" in text
+    assert f"timed on {gate.WORKLOAD_BATCHES} test batches, without quality" in text
+    assert "The authoritative figures are the records" in text
+
+
 def test_report_subcommand_writes_the_page_and_rejects_a_missing_results_file(inputs, tmp_path,
                                                                               capsys):
     args = ["report", "--results", str(inputs.results), "--baselines", str(inputs.baselines),
@@ -488,6 +667,7 @@ class Chromium:
         for domain in ("Page", "Runtime", "Log"):
             self.send(f"{domain}.enable", session=session)
         start = len(self.events)
+        self.session = session
         self.send("Page.navigate", {"url": url}, session)
         self.wait(lambda m: m.get("method") == "Page.loadEventFired"
                   and m.get("sessionId") == session)
@@ -508,6 +688,12 @@ class Chromium:
                 problems.append(p["exceptionDetails"].get("exception", {}).get(
                     "description", p["exceptionDetails"]["text"]))
         return images, problems
+
+    def evaluate(self, expression):
+        """The JSON value of ``expression`` in the page opened last."""
+        return json.loads(self.send("Runtime.evaluate", {
+            "expression": f"JSON.stringify({expression})", "returnByValue": True},
+            self.session)["result"]["value"])
 
     def close(self):
         try:
@@ -561,11 +747,23 @@ def test_the_page_loads_in_chromium_with_every_image_and_no_console_error(report
                                                                           serve):
     for url in (report.as_uri(), f"{serve(report.parent.parent)}/report/index.html"):
         images, problems = chromium.open(url, settle=0.2)
-        assert len(images) == 3
+        assert sorted(i["src"].rsplit("/", 1)[1] for i in images) == IMAGES
         broken = [i["src"] for i in images if not i["complete"] or i["width"] == 0]
         assert broken == [], f"images that did not load from {url}"
         assert all(i["alt"] for i in images)
         assert problems == [], f"console errors on {url}"
+
+
+def test_the_tokens_are_shaded_in_the_browser_from_white_to_dark_blue(report, chromium):
+    _, problems = chromium.open(report.as_uri(), settle=0.2)
+    assert problems == []
+    shades = chromium.evaluate(
+        "[...document.querySelectorAll('.tokens span')].map(s => [s.classList[0], "
+        "getComputedStyle(s).backgroundColor, s.getBoundingClientRect().width > 0])")
+    colours = {klass: colour for klass, colour, _ in shades}
+    assert colours["s0"] == "rgb(255, 255, 255)" and colours["s10"] == "rgb(8, 48, 107)"
+    assert len(set(colours.values())) == len(colours)  # every shade its own colour
+    assert all(visible for _, _, visible in shades)
 
 
 def test_the_browser_check_catches_a_broken_image(report, tmp_path, chromium):
