@@ -175,7 +175,8 @@ def run_block(block: nn.Module, x: torch.Tensor, subset: Subset, *, fill: str = 
 
     The per-token work is ``block.token_work(rows)``; for a capacity subset
     ``block.token_work(rows, valid=subset.valid)``, so that the balance loss leaves out the
-    padding rows.
+    padding rows. A subset of every row (no gate, no scale) runs the block itself,
+    ``block(x)``.
     """
     if fill not in ("zero", "carry") or readout not in ("ran", "all"):
         raise ValueError(f"fill must be 'zero' or 'carry' and readout 'ran' or 'all', got "
@@ -183,6 +184,8 @@ def run_block(block: nn.Module, x: torch.Tensor, subset: Subset, *, fill: str = 
     if scale is not None and readout != "ran":
         raise ValueError("scale multiplies the update of the rows that ran: it needs readout "
                          "'ran'")
+    if subset.every_row and gate is None and scale is None:
+        return block(x)  # nothing skipped: the dense block, fused
     b, n, d = x.shape
     flat = x.reshape(b * n, d)
     f, v, balance = _token_work(block, flat, subset)
@@ -320,8 +323,9 @@ def _place_all(entry, x, f, out):
 
 @njit(**_JIT)
 def _place_ran(entry, x, f, m, scale, out):
-    """``out[r] = x[r] + (f[t] + m[t]) * scale[t]`` for ``t = entry[r] >= 0`` (no factor if
-    ``scale`` is empty), else ``out[r] = x[r]``."""
+    """``out[r] = x[r] + (f[t] + m[t]) * scale[t]`` for ``t = entry[r] >= 0``, or without a
+    factor (``scale`` empty) ``m[t] + (x[r] + f[t])`` as the dense combine sums it; else
+    ``out[r] = x[r]``."""
     scaled = scale.shape[0] > 0
     for r in range(out.shape[0]):
         t = entry[r]
@@ -334,7 +338,7 @@ def _place_ran(entry, x, f, m, scale, out):
                 out[r, j] = x[r, j] + (f[t, j] + m[t, j]) * s
         else:
             for j in range(out.shape[1]):
-                out[r, j] = x[r, j] + (f[t, j] + m[t, j])
+                out[r, j] = m[t, j] + (x[r, j] + f[t, j])
 
 
 def _rows_of(t: torch.Tensor) -> np.ndarray:
@@ -384,7 +388,7 @@ class _PlaceAll(torch.autograd.Function):
 
 
 class _PlaceRan(torch.autograd.Function):
-    """``x + (f + m) * scale`` where a row ran, ``x`` elsewhere."""
+    """``x + (f + m) * scale`` (or ``x + f + m``) where a row ran, ``x`` elsewhere."""
 
     @staticmethod
     def forward(ctx, x, f, m, scale, subset):
