@@ -159,10 +159,12 @@ class BKBlock(nn.Module):
     def shift(self) -> torch.Tensor:
         return torch.complex(self.z_re, F.softplus(self.z_im_raw))
 
-    def token_work(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-token part on flat tokens ``(T, d)``: (feed-forward output, potential, balance)."""
+    def token_work(self, x: torch.Tensor, valid: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token part on flat tokens ``(T, d)``: (feed-forward output, potential, balance).
+        ``valid`` ``(T,)`` bool marks the tokens the balance loss counts (default: all)."""
         h = self.norm(x)
-        f, balance = self.moe(h)
+        f, balance = self.moe(h, valid=valid)
         return f, self.potential(h), balance
 
     def resolvent(self, v: torch.Tensor) -> torch.Tensor:

@@ -290,22 +290,31 @@ class MoEFeedForward(nn.Module):
         return self.combine(self.expert_outputs(self.gather(x, groups), groups), groups,
                             residual)
 
-    def balance_loss(self, routing: Routing) -> torch.Tensor:
+    def balance_loss(self, routing: Routing, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The switch loss over the tokens, or over the tokens where ``valid`` ``(T,)`` bool is
+        true (the others, padding that ran only to keep shapes static, count for nothing; no
+        valid token gives 0)."""
         tokens = routing.expert.numel()
         if tokens == 0:
             return routing.probs.new_zeros(())
         probs = routing.probs
-        load = probs.new_zeros(self.n_experts).index_add_(
-            0, routing.expert, probs.new_ones(()).expand(tokens))
-        return self.n_experts * (load / tokens * probs.mean(dim=0)).sum()
+        if valid is None:
+            load = probs.new_zeros(self.n_experts).index_add_(
+                0, routing.expert, probs.new_ones(()).expand(tokens))
+            return self.n_experts * (load / tokens * probs.mean(dim=0)).sum()
+        weight = valid.to(probs.dtype)
+        count = weight.sum().clamp(min=1)
+        load = probs.new_zeros(self.n_experts).index_add_(0, routing.expert, weight)
+        return self.n_experts * (load / count * (weight @ probs / count)).sum()
 
-    def forward(self, x: torch.Tensor, residual: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (output, load-balancing loss); expert calls equal the number of tokens. With
-        ``residual``, the output is ``x + f + m`` (see ``dispatch``).
+        ``residual``, the output is ``x + f + m`` (see ``dispatch``). ``valid`` ``(T,)`` bool
+        marks the tokens the balance loss counts (default: all).
 
         The balance loss is a training term: in eval mode it is not computed and is 0.
         """
         routing = self.route(x)
-        balance = self.balance_loss(routing) if self.training else x.new_zeros(())
+        balance = self.balance_loss(routing, valid) if self.training else x.new_zeros(())
         return self.dispatch(x, routing, residual), balance

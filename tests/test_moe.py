@@ -196,6 +196,27 @@ def test_the_balance_loss_and_its_gradient_equal_their_analytic_values(tokens, n
     torch.testing.assert_close(logits.grad, expected, rtol=1e-10, atol=1e-12)
 
 
+@given(st.integers(1, 30), st.integers(1, 5), st.integers(0, 2**16))
+def test_a_balance_loss_over_valid_tokens_is_the_loss_of_those_tokens_alone(tokens, n_experts,
+                                                                           seed):
+    """Padding tokens (invalid) change neither the loss nor its gradient; none valid gives 0."""
+    torch.manual_seed(seed)
+    moe = MoEFeedForward(4, 4, n_experts).double()
+    logits = (torch.randn(n_experts, tokens, dtype=torch.float64) * 3).requires_grad_()
+    valid = torch.rand(tokens, generator=torch.Generator().manual_seed(seed)) < 0.6
+    balance = moe.balance_loss(moe.route_logits(logits), valid)
+    (grad,) = torch.autograd.grad(balance, logits)
+    if not valid.any():
+        assert float(balance.detach()) == 0.0 and not grad.any()
+        return
+    kept = logits.detach()[:, valid].requires_grad_()
+    expected = moe.balance_loss(moe.route_logits(kept))
+    (expected_grad,) = torch.autograd.grad(expected, kept)
+    torch.testing.assert_close(balance, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad[:, valid], expected_grad, rtol=1e-10, atol=1e-14)
+    assert not grad[:, ~valid].any()
+
+
 def test_the_balance_term_of_the_training_loss_has_its_analytic_router_gradient():
     """Model level, last layer L (no later balance term depends on its router):
     grad(loss, w = b) - grad(loss, w = 0) = (b / L) dB_L/dW = (b / L) (dB_L/dlogits)^T h with
