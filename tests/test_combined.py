@@ -1,4 +1,9 @@
-"""The combined model: the hourglass with per-position sparsity, composed exactly."""
+"""The combined model: the hourglass with depth routing and position sparsity, composed exactly.
+
+Each axis switched off gives the model without it; with every axis on, a position still never
+sees a later token, training reaches every router and predictor, and the forced model (the
+ceiling) runs no decision code.
+"""
 
 import inspect
 
@@ -9,11 +14,12 @@ from hypothesis import strategies as st
 
 from bk.adaptive.combined import CombinedLanguageModel
 from bk.adaptive.multiscale import MultiScaleLanguageModel
-from bk.adaptive.sparsity import slots
 from bk.model import LanguageModel
 from bk.technique import Forcing, KnobError
 from tests.strategies import TINY_4_LAYERS as CONFIG
 from tests.strategies import float64_model, random_tokens, seeds
+
+OFF = {"depth_capacity": None, "target_sparsity": None}
 
 
 def models(**knobs):
@@ -24,29 +30,35 @@ def models(**knobs):
     return combined, multiscale
 
 
-def randomise_predictors(combined: CombinedLanguageModel, seed: int) -> None:
-    """Predictor logits straddling zero, so that some positions skip."""
+def randomise_decisions(combined: CombinedLanguageModel, seed: int) -> None:
+    """Router and predictor logits straddling zero, so that some tokens run and some skip."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for predictor in combined.importance:
-            predictor.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(seed))
-            predictor.bias.zero_()
+        for linear in [*combined.routers.values(), *combined.importance]:
+            linear.weight.normal_(0, 1.0, generator=gen)
+            linear.bias.zero_()
 
 
-def level_lengths(combined: CombinedLanguageModel, n: int) -> list[int]:
-    return [n // combined.factor ** level for level in combined.block_level]
+def no_calls(modules):
+    """Hooks that fail if any of ``modules`` runs; returns their handles."""
+    def fail(module, args):
+        raise AssertionError("a forced model must not run its routers or predictors")
+    return [m.register_forward_pre_hook(fail) for m in modules]
 
 
-def test_with_every_position_computing_it_equals_the_multiscale_model():
-    combined, multiscale = models()
+def test_with_both_axes_off_it_is_the_multiscale_model_and_decides_nothing():
+    combined, multiscale = models(**OFF)
+    assert len(combined.routers) == 0 and len(combined.importance) == 0
     x = random_tokens(0, 3, 16)
     with torch.no_grad():
         a, b = combined(x), multiscale(x)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-12, atol=1e-12)
     assert a.work == b.work
+    assert combined.forced(Forcing(0.5)) is None  # no decisions: its ceiling is itself
 
 
-def test_with_factor_one_and_every_position_computing_it_equals_the_dense_model():
-    combined, _ = models(factor=1)
+def test_with_factor_one_and_both_axes_off_it_is_the_dense_model():
+    combined, _ = models(factor=1, **OFF)
     dense = LanguageModel(CONFIG).double().eval()
     dense.load_state_dict(combined.state_dict(), strict=False)
     x = random_tokens(0, 3, 16)
@@ -54,12 +66,20 @@ def test_with_factor_one_and_every_position_computing_it_equals_the_dense_model(
         torch.testing.assert_close(combined(x).logits, dense(x).logits, rtol=1e-12, atol=1e-12)
 
 
+def test_the_routed_blocks_have_routers_and_the_others_predictors():
+    combined, _ = models(depth_routed="alternate")
+    assert sorted(combined.routers) == ["1", "3"]
+    assert len(combined.importance) == CONFIG.n_layers  # one per block, used where not routed
+    depth_only, _ = models(target_sparsity=None)
+    assert sorted(depth_only.routers) == ["1", "3"] and len(depth_only.importance) == 0
+
+
 @given(n=st.integers(2, 16), cut=st.integers(1, 15), capacity=st.sampled_from([None, 0.25]),
-       seed=seeds)
-def test_a_position_never_sees_a_later_token(n, cut, capacity, seed):
+       routed=st.sampled_from(["alternate", "inner"]), seed=seeds)
+def test_a_position_never_sees_a_later_token(n, cut, capacity, routed, seed):
     cut = min(cut, n - 1)
-    combined, _ = models(capacity=capacity)
-    randomise_predictors(combined, seed)
+    combined, _ = models(capacity=capacity, depth_routed=routed)
+    randomise_decisions(combined, seed)
     x = random_tokens(seed, 2, n)
     y = x.clone()
     y[:, cut:] = (y[:, cut:] + 1) % CONFIG.vocab_size
@@ -68,98 +88,86 @@ def test_a_position_never_sees_a_later_token(n, cut, capacity, seed):
     torch.testing.assert_close(a[:, :cut], b[:, :cut], rtol=0, atol=1e-12)
 
 
-def test_skipped_positions_are_not_counted_as_work_and_outputs_stay_finite():
-    combined, multiscale = models()
-    with torch.no_grad():
-        for predictor in combined.importance:
-            predictor.bias.fill_(-5.0)  # every position skips
-        out = combined(random_tokens(0, 3, 16))
-    assert out.work.token_layers == 0 < multiscale(random_tokens(0, 3, 16)).work.token_layers
-    assert torch.isfinite(out.logits).all()
+def test_skipping_everything_the_axes_allow_is_less_work_and_stays_finite():
+    x = random_tokens(0, 3, 16)
+    for depth in (None, 0.5):
+        combined, multiscale = models(depth_capacity=depth)
+        with torch.no_grad():
+            for linear in [*combined.routers.values(), *combined.importance]:
+                linear.bias.fill_(-20.0)  # no router selects, every predictor skips
+            out, full = combined(x), multiscale(x)
+        assert torch.isfinite(out.logits).all()
+        if depth is None:
+            assert out.work.token_layers == 0 < full.work.token_layers
+        else:  # a routed block runs its static capacity of rows, selected or not
+            assert 0 < out.work.token_layers < full.work.token_layers
 
 
-def test_training_gradient_reaches_every_importance_predictor():
+def test_training_reaches_every_router_and_predictor_with_each_loss_term():
     combined, _ = models(target_sparsity=0.5)
+    randomise_decisions(combined, 1)
     combined.train()
     combined.schedule(1.0)
     x = random_tokens(0, 3, 16)
     out = combined(x, x)
-    assert set(out.aux) == {"balance", "sparsity"}
+    assert set(out.aux) == {"balance", "router", "sparsity"}
     out.loss.backward()
-    for predictor in combined.importance:
-        assert predictor.weight.grad is not None and predictor.weight.grad.abs().sum() > 0
+    for name in sorted(combined.routers):
+        grad = combined.routers[name].weight.grad
+        assert grad is not None and grad.abs().sum() > 0, f"router {name} learns nothing"
+    used = [i for i in range(CONFIG.n_layers) if str(i) not in combined.routers]
+    for i in used:
+        grad = combined.importance[i].weight.grad
+        assert grad is not None and grad.abs().sum() > 0, f"predictor {i} learns nothing"
     assert combined.eval()(x, x).aux == {}
 
 
-@pytest.mark.parametrize("capacity", [0.25, 0.5, 1.0])
-def test_a_capacity_runs_a_static_number_of_positions_in_every_block(capacity):
-    combined, _ = models(capacity=capacity)
-    randomise_predictors(combined, 0)
-    rows = []
-    hooks = [block.potential.register_forward_pre_hook(
-        lambda m, args: rows.append(args[0].shape[0])) for block in combined.blocks]
-    try:
-        with torch.no_grad():
-            out = combined(random_tokens(0, 3, 13))
-    finally:
-        for h in hooks:
-            h.remove()
-    contexts = level_lengths(combined, CONFIG.n_seq)  # the cap is a fraction of n_seq's levels
-    expected = [3 * min(slots(capacity, c), n) for c, n in
-                zip(contexts, level_lengths(combined, 13), strict=True)]
-    assert rows == expected and out.work.token_layers == sum(expected)
-
-
 @pytest.mark.parametrize("keep", [0.25, 0.5, 1.0])
-def test_forced_keeps_the_pooling_and_runs_strided_positions_without_predictors(keep):
+def test_forced_runs_no_decision_code_and_at_keep_one_is_the_hourglass(keep):
     combined, multiscale = models()
-    randomise_predictors(combined, 0)
+    randomise_decisions(combined, 0)
     forced = combined.forced(Forcing(keep))
-    assert combined.forcing is None
-
-    def fail(module, args):
-        raise AssertionError("a forced model must not run its predictors")
-    hooks = [p.register_forward_pre_hook(fail) for p in combined.importance]
+    assert combined.forcing is None  # the original is untouched
+    hooks = no_calls([*combined.routers.values(), *combined.importance])
+    x = random_tokens(0, 3, 16)
     try:
         with torch.no_grad():
-            out = forced(random_tokens(0, 3, 16))
+            out = forced(x)
     finally:
         for h in hooks:
             h.remove()
-    assert out.work.token_layers == sum(3 * slots(keep, n) for n in level_lengths(combined, 16))
-    if keep == 1:  # every position runs: the hourglass itself
-        torch.testing.assert_close(out.logits, multiscale(random_tokens(0, 3, 16)).logits,
-                                   rtol=1e-12, atol=1e-12)
-
-
-def test_forced_per_token_draws_every_block_independently_at_the_requested_rate():
-    combined, multiscale = models()
-    idx = random_tokens(0, 16, 16)
-    forcing = Forcing(0.3, "per_token", seed=7)
     with torch.no_grad():
-        out = combined.forced(forcing)(idx)
-    generator = forcing.generator()  # one stream, block after block
-    draws = [torch.rand(16 * n, generator=generator, dtype=torch.float64) < 0.3
-             for n in level_lengths(combined, 16)]
-    assert out.work.token_layers == sum(int(d.sum()) for d in draws)
-    rate = out.work.token_layers / multiscale(idx).work.token_layers
-    assert abs(rate - 0.3) < 0.06  # 704 draws: 4 standard deviations
+        full = multiscale(x)
+    if keep == 1:
+        torch.testing.assert_close(out.logits, full.logits, rtol=1e-12, atol=1e-12)
+        assert out.work.token_layers == full.work.token_layers
+    else:
+        assert 0 < out.work.token_layers < full.work.token_layers
+
+
+def test_forcing_a_lower_keep_never_runs_more():
+    combined, _ = models()
+    x = random_tokens(0, 3, 16)
+    with torch.no_grad():
+        work = [combined.forced(Forcing(k))(x).work.token_layers for k in (0.125, 0.25, 0.5, 1)]
+    assert work == sorted(work)
 
 
 def test_the_knobs_are_the_keyword_only_constructor_arguments():
     parameters = inspect.signature(CombinedLanguageModel).parameters
     declared = {k.name: k.default for k in CombinedLanguageModel.KNOBS}
-    assert declared == {"factor": 2, "levels": 2, "target_sparsity": 0.1,
-                        "sparsity_weight": 1.0, "capacity": None}
+    assert declared == {"factor": 4, "levels": 1, "depth_capacity": 0.5,
+                        "depth_routed": "alternate", "router_loss_weight": 0.1,
+                        "target_sparsity": 0.25, "sparsity_weight": 1.0, "capacity": None}
     assert {name: p.default for name, p in parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY} == declared
-    assert CombinedLanguageModel.knob("target_sparsity").grid == (0.0, 0.1, 0.25)
-    model = CombinedLanguageModel.from_knobs(CONFIG, {"factor": "4", "capacity": 0.5})
-    assert model.knob_values() == {**declared, "factor": 4, "capacity": 0.5}
+    model = CombinedLanguageModel.from_knobs(CONFIG, {"factor": "2", "depth_capacity": "none"})
+    assert model.knob_values() == {**declared, "factor": 2, "depth_capacity": None}
 
 
 @pytest.mark.parametrize(("knob", "value"), [
     ("factor", 2.5), ("levels", 3), ("target_sparsity", float("nan")),
+    ("depth_capacity", 0.0), ("depth_routed", "every"), ("router_loss_weight", -1.0),
     ("sparsity_weight", -1.0), ("capacity", 0.0)])
 def test_bad_knob_values_raise_errors_naming_the_knob(knob, value):
     with pytest.raises(KnobError, match=f"knob {knob}"):
@@ -168,7 +176,6 @@ def test_bad_knob_values_raise_errors_naming_the_knob(knob, value):
 
 def test_incremental_decoding_is_refused_with_its_reason():
     combined, _ = models()
-    with pytest.raises(NotImplementedError, match="carried potential"):
+    assert not CombinedLanguageModel.DECODES
+    with pytest.raises(NotImplementedError, match="carried potentials"):
         combined.init_state(1)
-    with pytest.raises(NotImplementedError, match="use forward"):
-        combined.step(random_tokens(0, 1, 1)[:, 0], None)

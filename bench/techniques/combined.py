@@ -3,8 +3,9 @@ from bk.adaptive.combined import CombinedLanguageModel
 
 register(Technique(
     name="combined",
-    summary="The stack of techniques that cut work on independent axes: the multi-scale "
-            "hourglass, with learned per-position sparsity in every block at its resolution.",
+    summary="Every axis that cuts work, in one model: the hourglass (sequence), "
+            "Mixture-of-Depths routing of alternate blocks (depth) and learned per-position "
+            "sparsity in the others (positions), each at its block's resolution.",
     model=CombinedLanguageModel,
     finetune_fraction=0.3,
 ))
