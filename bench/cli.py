@@ -108,6 +108,17 @@ def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A finite number in [0, 1)."""
     try:
@@ -147,6 +158,10 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=positive_int, default=32)
     group.add_argument("--seq-len", type=positive_int, default=128)
     group.add_argument("--seed", type=nonnegative_int, default=0)
+    group.add_argument("--distill", type=nonnegative_float, default=0.0,
+                       help="weight of the distillation term KL(dense || technique) while a "
+                            "technique fine-tunes (default 0: none; the dense control never "
+                            "distils)")
     group.add_argument("--output", type=Path, default=Path("runs"),
                        help="folder for results, plots and cached checkpoints (default runs/)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -157,7 +172,8 @@ def setup_from(args: argparse.Namespace) -> Setup:
 
     chosen: dict[str, Any] = {"corpus": args.corpus, "batch_size": args.batch_size,
                               "seq_len": args.seq_len, "seed": args.seed,
-                              "output": args.output, "progress": not args.no_progress}
+                              "distill": args.distill, "output": args.output,
+                              "progress": not args.no_progress}
     if args.steps is not None:
         chosen["steps"] = args.steps
     if args.rounds is not None:

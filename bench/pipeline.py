@@ -22,6 +22,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import os
 import sys
 import types
@@ -108,12 +109,16 @@ class Setup:
     quality_batches: int | None = None  # None: the whole test split
     ceiling_batches: int = 20
     train_threads: int = 1
+    distill: float = 0.0  # weight of KL(dense || technique) while fine-tuning (bk.train)
     output: Path = Path("runs")
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
             raise ValueError(f"unknown scale {self.scale!r}; expected one of {', '.join(SCALES)}")
+        if not (self.distill >= 0 and math.isfinite(self.distill)):
+            raise ValueError(f"invalid Setup: distill {self.distill!r}; expected a finite "
+                             "weight >= 0")
         if not self.finetune_factor > 0 or self.train_threads < 1 or self.ceiling_batches < 1:
             raise ValueError(f"invalid Setup: finetune_factor {self.finetune_factor} (> 0), "
                              f"train_threads {self.train_threads} and ceiling_batches "
@@ -133,10 +138,10 @@ class Setup:
         test split."""
         return cls.at_scale(scale, **{**QUICK, **overrides})
 
-    def train_config(self, steps: int | None = None) -> TrainConfig:
+    def train_config(self, steps: int | None = None, distill: float = 0.0) -> TrainConfig:
         return TrainConfig(steps=self.steps if steps is None else steps,
                            batch_size=self.batch_size, seed=self.seed,
-                           threads=self.train_threads)
+                           threads=self.train_threads, distill=distill)
 
     def model_config(self, corpus: Corpus, **overrides: Any) -> ModelConfig:
         return ModelConfig.at_scale(self.scale, vocab_size=len(corpus.vocab), n_seq=self.seq_len,
@@ -477,9 +482,11 @@ class Bench:
         return self._dense
 
     def _train(self, model: nn.Module, plan: Plan, phase: str, meta: dict[str, Any],
-               on_step: Callable[[int, nn.Module], None] | None = None) -> None:
+               on_step: Callable[[int, nn.Module], None] | None = None,
+               teacher: nn.Module | None = None) -> None:
         """Train ``model`` as ``plan`` says, resuming from its periodic checkpoint if an earlier
-        run was interrupted, reporting each step to the phase ``phase``."""
+        run was interrupted, reporting each step to the phase ``phase``; ``teacher`` for a plan
+        that distils."""
         with self._phase(phase) as advance:
             last: list[int] = []
 
@@ -492,7 +499,7 @@ class Bench:
             train(model, self.corpus, plan.train_config, checkpoint=plan.path, resume=True,
                   progress=self.setup.progress and self.progress is None, desc=phase,
                   meta=meta, on_step=on_step, after_step=after_step,
-                  checkpoint_every=CHECKPOINT_EVERY)
+                  checkpoint_every=CHECKPOINT_EVERY, teacher=teacher)
 
     def _cached(self, plan: Plan, build: Callable[[], nn.Module],
                 fit: Callable[[nn.Module], None], phase: str) -> nn.Module:
@@ -546,12 +553,15 @@ class Bench:
                        knobs: dict[str, Any], code: Iterable[Callable[..., Any] | None]
                        ) -> tuple[Plan, nn.Module]:
         """The plan of ``build`` fine-tuned ``steps`` steps from the dense model, and a freshly
-        built model (its class tells which code the key covers)."""
+        built model (its class tells which code the key covers). A technique distils from the
+        dense model when ``Setup.distill`` says so; the dense control never does (it would
+        learn from itself)."""
         config = self.setup.model_config(self.corpus)
         torch.manual_seed(self.setup.seed)  # the technique's new parameters
         first = build(config)
-        return self.plan(name, type(first), config, self.setup.train_config(steps), knobs,
-                         self.dense_plan(), code), first
+        distill = 0.0 if name == CONTROL else self.setup.distill
+        return self.plan(name, type(first), config, self.setup.train_config(steps, distill),
+                         knobs, self.dense_plan(), code), first
 
     def _finetuned(self, name: str, build: Callable[[ModelConfig], nn.Module], steps: int,
                    knobs: dict[str, Any],
@@ -589,7 +599,8 @@ class Bench:
                 if schedule is not None:
                     schedule(m, step / max(1, steps))
 
-            self._train(model, plan, phase, on_step=on_step,
+            teacher = dense if plan.train_config.distill > 0 else None
+            self._train(model, plan, phase, on_step=on_step, teacher=teacher,
                         meta={"technique": name, "knobs": knobs, "request": plan.request})
 
         model = self._cached(plan, initial, fit, phase)

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -667,3 +668,27 @@ def test_a_regression_exits_1_and_a_clean_check_0(tmp_path, capsys):
     rec["techniques"]["sparsity"] = make_row("sparsity", 1e-3, ppl_cand=12).to_dict()
     path.write_text(json.dumps(rec))
     assert main(check) == 0
+
+
+def test_distillation_trains_the_technique_from_the_dense_model_and_never_the_control(
+        tmp_path, monkeypatch):
+    setup = replace(tiny(tmp_path), distill=0.5, steps=2)
+    bench = Bench(setup)
+    act = get("act")
+    technique_plan, _ = bench._plan_of("act", act)
+    control_plan, _ = bench._plan_of(pipeline.CONTROL, act)
+    assert technique_plan.train_config.distill == 0.5
+    assert control_plan.train_config.distill == 0.0 and bench.dense_plan().train_config.distill == 0
+    undistilled, _ = Bench(replace(setup, distill=0.0))._plan_of("act", act)
+    assert undistilled.path != technique_plan.path  # another request, another checkpoint
+
+    teachers = []
+    real_train = pipeline.train
+    monkeypatch.setattr(pipeline, "train", lambda model, corpus, cfg, **k: teachers.append(
+        (cfg.distill, k.get("teacher"))) or real_train(model, corpus, cfg, **k))
+    bench.candidate("act")
+    bench.reference("act")
+    dense = bench.dense()
+    assert [(w, t is dense) for w, t in teachers] == [(0.0, False), (0.5, True), (0.0, False)]
+    with pytest.raises(ValueError, match="distill"):
+        replace(setup, distill=float("nan"))
