@@ -290,7 +290,9 @@ def test_a_forced_model_equals_the_routed_one_when_the_routers_pick_the_same_pos
             h.remove()
     with torch.no_grad():
         forced = model.forced(Forcing(0.5))(idx)
-    torch.testing.assert_close(forced.logits, routed.logits, rtol=0, atol=0)
+    # Equal up to the order of float64 sums: the routed path multiplies its update by a gate of
+    # value 1, the forced one adds it unscaled.
+    torch.testing.assert_close(forced.logits, routed.logits, rtol=1e-12, atol=1e-12)
     assert forced.work == routed.work
     assert torch.equal(forced.stats["layers_per_token"], routed.stats["layers_per_token"])
 
