@@ -92,8 +92,8 @@ def table(rows: Sequence[Row], counts: Callable[[float | None], bool], budget: f
     ``counts(quality_delta)`` is the budget rule (``Target.counts``); ``label`` names the
     column that identifies a row (a sweep's knob).
     """
-    header = [clip(label, NAME_WIDTH), "wall speedup (IQR)", "spread", "FLOPs", "work",
-              "ppl delta", "in budget?"]
+    header = [clip(label, NAME_WIDTH), "wall speedup (IQR)", "spread", "ceiling", "ideal",
+              "FLOPs", "ppl delta", "in budget?"]
     cells = []
     for row in rows:
         q1, q3 = number(row.get("wall_q1")), number(row.get("wall_q3"))
@@ -103,9 +103,11 @@ def table(rows: Sequence[Row], counts: Callable[[float | None], bool], budget: f
                  ">999%" if s > 0 else "<-999%") + (" NOISY" if noisy(row) else "")
         delta = number(row.get("quality_delta"))
         verdict = "n/a" if delta is None else ("yes" if counts(delta) else "no")
+        work = number(row.get("work_ratio"))
+        ideal = None if work is None or work <= 0 else 1 / work
         cells.append([clip(row.get(label, "?"), NAME_WIDTH), times(row.get("wall_speedup")) + iqr,
-                      noise, times(row.get("flops_speedup")), ratio(row.get("work_ratio")),
-                      percent(delta), verdict])
+                      noise, times(row.get("ceiling_uniform")), times(ideal),
+                      times(row.get("flops_speedup")), percent(delta), verdict])
     return "\n".join(grid(header, cells))
 
 
@@ -143,9 +145,11 @@ def legend(rows: Sequence[Row], budget: float, noise_limit: float) -> str:
              "No row is noisy.")
     return wrap(
         f"spread: interquartile range of the per-round speed ratios over the median; NOISY above "
-        f"{noise_limit:.0%}. {noise} FLOPs (speedup) and work (ratio; below 1 is less work) are "
-        f"counted, not timed. ppl delta: test perplexity against the dense model trained as "
-        f"long. in budget?: at most +{budget:.0%}, so the row may count toward the target.")
+        f"{noise_limit:.0%}. {noise} ceiling: the same skip pattern with its decisions given "
+        f"for free (n/a: not measured); ideal: 1 / the executed-work ratio; FLOPs: torch's count "
+        f"of matrix products. Ceiling, ideal and FLOPs say what the technique could deliver, not "
+        f"what it did. ppl delta: test perplexity against the dense model trained as long. in "
+        f"budget?: at most +{budget:.0%}, so the row may count toward the target.")
 
 
 def headline(cumulative: Mapping[str, Any], target: float, budget: float,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from bench.rows import Row
 from bk.data import Corpus
@@ -132,6 +132,18 @@ def paired_speedup(reference: Call | Sequence[Call], candidate: Call | Sequence[
             if after_round is not None:
                 after_round()
     return Speedup(tuple(ratios), statistics.median(t_ref), statistics.median(t_cand))
+
+
+@register_flop_formula(torch.ops.aten._grouped_mm)
+def _grouped_mm_flops(a_shape: Sequence[int], b_shape: Sequence[int], *args: Any,
+                      out_shape: Sequence[int], **kwargs: Any) -> int:
+    """FLOPs of ``torch._grouped_mm`` (the mixture of experts' matrix products), which torch's
+    counter does not count: 2 per multiply-add, as for ``mm``. Two matrices (groups split the
+    contracted dimension, a weight gradient): ``2 M K N``; otherwise each output element is one
+    dot product over the last dimension of ``a``."""
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * math.prod(out_shape) * a_shape[-1]
 
 
 def count_flops(fn: Callable[[], object]) -> int:

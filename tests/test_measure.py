@@ -170,3 +170,15 @@ def test_the_a_a_row_times_the_dense_model_against_itself_and_techniques_against
     assert reference is not bench.dense() and candidate is not reference
     assert rows[1].reference_perplexity == bench.quality(reference).perplexity
     assert rows[1].candidate_perplexity == bench.quality(candidate).perplexity
+
+
+def test_counted_flops_include_the_experts_however_their_products_run():
+    # torch's counter does not know torch._grouped_mm: the experts' products went uncounted and
+    # every FLOPs speedup compared models whose expert work was invisible.
+    model = float64_model(0)
+    x = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        per_expert = count_flops(lambda: model(x))  # float64: one mm per expert
+        grouped = count_flops(lambda: model.float()(x))  # float32: one grouped product
+    experts = 2 * 2 * TINY.d_model * TINY.d_expert * x.numel() * TINY.n_layers  # up and down
+    assert grouped == per_expert >= experts
