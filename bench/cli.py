@@ -61,15 +61,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    from bk.technique import value_from_text  # torch: only once a value is given
+
+    return value_from_text(text)
 
 
 def parse_setting(text: str) -> tuple[str, Any]:

@@ -209,7 +209,7 @@ def _print_table(title: str, rows: list[dict[str, object]]) -> None:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from bench.measure import torch_threads
+    from bk.train import torch_threads
 
     if args.prompt_length < 1 or args.samples < 1 or args.rounds < 1 or args.top_k < 1:
         raise ValueError("--prompt-length, --samples, --rounds and --top-k must be >= 1")

@@ -13,8 +13,7 @@ import math
 import statistics
 import time
 import timeit
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,19 +25,9 @@ from bench.rows import Row
 from bk.data import Corpus
 from bk.model import ModelConfig, Work
 from bk.technique import KnobValue
-from bk.train import evaluate
+from bk.train import evaluate, torch_threads
 
 NOISE_LIMIT = 0.10  # relative interquartile range above which a speedup is flagged as noisy
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)

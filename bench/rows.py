@@ -241,24 +241,15 @@ def knobs_text(knobs: Mapping[str, KnobValue]) -> str:
 
 def _knobs_from_text(text: str, where: str) -> dict[str, KnobValue]:
     """The knobs of a results file written before rows held them as an object."""
+    from bk.technique import value_from_text  # imports torch: only for such old files
+
     knobs = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
         if not sep or not name.strip():
             raise RowError(f"{where}: knobs {text!r} are not name=value pairs")
-        knobs[name.strip()] = _knob_value(value.strip())
+        knobs[name.strip()] = value_from_text(value)
     return knobs
-
-
-def _knob_value(text: str) -> KnobValue:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 T = TypeVar("T")

@@ -99,7 +99,7 @@ class Knob:
     def parse(self, value: Any) -> KnobValue:
         """``value`` (a Python value or command-line text) as this knob's type, validated."""
         if isinstance(value, str) and self.kind is not str:
-            value = _from_text(value)
+            value = value_from_text(value)
         if value is None:
             if self.optional:
                 return None
@@ -133,7 +133,9 @@ class Knob:
         raise KnobError(f"knob {self.name}: expected {self.describe()}, got {value!r}")
 
 
-def _from_text(text: str) -> Any:
+def value_from_text(text: str) -> Any:
+    """A value typed on a command line or read from a table: none/null, true/false, an integer,
+    a number, else the text itself."""
     lowered = text.strip().lower()
     if lowered in ("none", "null"):
         return None

@@ -141,7 +141,8 @@ def partial_checkpoint(checkpoint: Path) -> Path:
 
 
 @contextmanager
-def _threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
+    """Torch's intra-op threads set to ``n`` inside the block, restored after."""
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -184,7 +185,7 @@ def train(model: nn.Module, corpus: Corpus, cfg: TrainConfig, *,
     result = TrainResult(steps=start, seconds=0.0)
     began = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress, leave=False)
-    with _threads(cfg.threads):
+    with torch_threads(cfg.threads):
         for step in bar:
             # Batches come from the step's generator; the global generator drives any sampling
             # inside the model (Gumbel noise), so seeding it too makes every step repeat exactly.
