@@ -586,6 +586,103 @@ def section_techniques(results: RunResults | None, budget: float, out: Path) -> 
     ])
 
 
+def realisation_sources(results: RunResults | None, records: Sequence[dict[str, Any]]
+                        ) -> list[tuple[str, str, list[Row]]]:
+    """(scale, where from, rows) per model scale: this run's rows at its scale, the latest
+    schema-2 record's at every other scale, in the order tiny, small, base, others."""
+    from bench.baselines import record_rows, record_scale
+    from bk.model import SCALES
+
+    found: dict[str, tuple[str, list[Row]]] = {}
+    for rec in records:
+        if rec.get("schema") == 2:
+            where = f"record {str(rec.get('commit', ''))[:10]}"
+            found[record_scale(rec)] = (where, list(record_rows(rec, where).values()))
+    if results is not None and results.rows:
+        found[results.rows[0].scale] = ("this run", results.rows)
+    order = [*SCALES, *sorted(set(found) - set(SCALES))]
+    return [(scale, *found[scale]) for scale in order if scale in found]
+
+
+def limited_by(row: Row) -> str:
+    """Which of the three gaps is widest: the idea (little work skipped), the implementation
+    (overhead between ideal and ceiling) or the decisions (between ceiling and realised)."""
+    ideal, overhead, decisions = row.ideal, row.overhead("uniform"), row.decision_cost("uniform")
+    if ideal is None or overhead is None or decisions is None:
+        return "n/a"
+    losses = {"idea: little work skipped": 1 - 1 / ideal, "implementation overhead": overhead,
+              "decision cost": decisions}
+    return max(losses, key=lambda k: losses[k])
+
+
+def plot_realisation(rows: Sequence[Row], scale: str, path: Path) -> None:
+    """Per technique: realised wall speedup, its ceilings (uniform and per-token forcing) and
+    the ideal, on one log axis."""
+    import numpy as np
+
+    plt = _pyplot()
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 2.0))
+    series = [("realised (wall)", [r.wall_speedup for r in rows], "#1f77b4", "o"),
+              ("ceiling, uniform", [r.ceiling("uniform") for r in rows], "#2ca02c", "s"),
+              ("ceiling, per token", [r.ceiling("per_token") for r in rows], "#9467bd", "D"),
+              ("ideal (1 / work)", [r.ideal for r in rows], "#7f7f7f", "|")]
+    for label, values, color, marker in series:
+        shown = [(yi, v) for yi, v in zip(y, values, strict=True) if v is not None]
+        if shown:
+            ax.scatter([v for _, v in shown], [yi for yi, _ in shown], color=color,
+                       marker=marker, s=60 if marker != "|" else 300, label=label, zorder=3)
+    for yi, r in zip(y, rows, strict=True):
+        ends = [v for v in (r.wall_speedup, r.ceiling("uniform"), r.ideal) if v is not None]
+        ax.plot([min(ends), max(ends)], [yi, yi], color="#cccccc", lw=3, zorder=1)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}x")
+    ax.xaxis.set_minor_formatter(lambda v, _: f"{v:g}x" if f"{v:g}"[0] in "2358" else "")
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks(y, [r.technique for r in rows])
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlabel("x over the dense model (log scale; right of 1 is faster)")
+    ax.set_title(f"scale {scale}: realised, ceiling and ideal", pad=28)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def section_realisation(results: RunResults | None, records: Sequence[dict[str, Any]],
+                        out: Path) -> str:
+    """Realised speedup, ceiling and ideal per technique, one figure and table per scale."""
+    sources = realisation_sources(results, records)
+    if not sources:
+        return ("<p class=missing>No measured rows: <code>bk-bench run</code> (any "
+                "<code>--scale</code>) measures ceilings beside every technique.</p>")
+    parts = ["<p>For each technique the gap from the ideal (1 / the work it ran) down to the "
+             "realised wall speedup splits in two: <b>implementation overhead</b>, 1 - ceiling / "
+             "ideal, where the ceiling is the same skip pattern timed with its decisions given "
+             "for free (forced at the keep rate that matches the work the trained technique "
+             "ran); and <b>decision cost</b>, 1 - realised / ceiling, what deciding costs "
+             "(predictors, heads, heterogeneous choices). A technique whose ideal is near 1 is "
+             "limited by its idea at these settings.</p>"]
+    header = ["technique", "realised", "ceiling (uniform)", "ceiling (per token)", "ideal",
+              "overhead", "decision cost", "widest gap"]
+    for scale, where, rows in sources:
+        rows = [r for r in rows if r.technique != "dense"]
+        png = f"realisation-{scale}.png"
+        plot_realisation(rows, scale, out / png)
+        cells = [[f"<b>{esc(r.technique)}</b>", fmt(r.wall_speedup), fmt(r.ceiling("uniform")),
+                  fmt(r.ceiling("per_token")), fmt(r.ideal),
+                  fmt(r.overhead("uniform"), "{:.0%}"),
+                  fmt(r.decision_cost("uniform"), "{:.0%}"), esc(limited_by(r))] for r in rows]
+        parts += [f"<h3>scale {esc(scale)} <small>({esc(where)})</small></h3>",
+                  figure(png, f"Dot plot per technique at scale {scale}: realised wall speedup, "
+                              "ceilings under uniform and per-token forcing, and the ideal, on "
+                              "a log axis.",
+                         "Grey bars span realised to ideal; the further the realised dot sits "
+                         "left of the ideal mark, the more of the skipped work never reached "
+                         "the clock."),
+                  table(header, cells)]
+    return "".join(parts)
+
+
 def _quality_note(record: dict[str, Any]) -> str:
     quality = record.get("quality") or {}
     if "dense_test_bits" not in quality:
@@ -996,6 +1093,8 @@ def build(inputs: Inputs, out: Path) -> Path:
          lambda: section_summary(results, records, target, NOISE_LIMIT, out)),
         ("techniques", "Techniques",
          lambda: section_techniques(results, target.quality_budget, out)),
+        ("realisation", "Realised, ceiling and ideal",
+         lambda: section_realisation(results, records, out)),
         ("tokens", "Where the compute goes", lambda: section_tokens(tokens, order)),
         ("tuning", "Tuning: Pareto fronts",
          lambda: section_tuning(tunings, out)),

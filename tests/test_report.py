@@ -30,12 +30,14 @@ from bench.report import (
     load_results,
     load_tuning,
     pareto_front,
+    section_realisation,
     shaded_passage,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
 IMAGES = ["asv-0-bench_core.png", "asv-0-bench_model.png", "asv-0-bench_techniques.png",
-          "cumulative-tiny.png", "pareto-0.png", "speed_quality.png", "techniques.png"]
+          "cumulative-tiny.png", "pareto-0.png", "realisation-tiny.png", "speed_quality.png",
+          "techniques.png"]
 TARGET = {"cumulative_speedup": 10.0, "quality_budget": 0.05, "stretch_quality_budget": 0.01,
           "check_tolerance": 0.10}
 EVIL = "<script>alert(1)</script>&moe"
@@ -820,3 +822,18 @@ def test_asv_published_html_loads_every_local_file_in_chromium(tmp_path, chromiu
     assert hosts and all(h in text for h in hosts), "the report must say asv's page needs them"
     assert f"{commits[0][:8]} \u2192 {commits[1][:8]}: 1 worse" in text
 
+
+
+def test_the_realisation_table_splits_the_gap_into_overhead_and_decision_cost(tmp_path):
+    # ideal 1 / 0.5 = 2x; ceiling 1.5x: overhead 1 - 1.5 / 2 = 25%; realised 1.2x: decision cost
+    # 1 - 1.2 / 1.5 = 20%; the idea itself gives up 1 - 1 / 2 = 50%, the widest gap.
+    rows = [row("dense", 1.0, 0.99, 1.01, 1.0, 1.0, 0.0),
+            row("skipper", 1.2, 1.1, 1.3, 1.8, 0.5, 0.01, ceiling_uniform=1.5,
+                ceiling_per_token=1.25, keep_uniform=0.5, keep_per_token=0.5,
+                decisions="learned")]
+    results = load_results(write_results(tmp_path / "runs" / "results.json", rows))
+    html_text = section_realisation(results, [], tmp_path)
+    cells = re.findall(r"<td>(.*?)</td>", html_text)
+    assert cells == ["<b>skipper</b>", "1.20x", "1.50x", "1.25x", "2.00x", "25%", "20%",
+                     "idea: little work skipped"]
+    assert (tmp_path / "realisation-tiny.png").read_bytes().startswith(PNG)
