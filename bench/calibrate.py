@@ -104,20 +104,29 @@ def gate_false_alarms(runs: Sequence[Run], passes: int, factor: float) -> int:
                for run_i, run_j in ((runs[i], runs[j]) for i, j in pairs(len(runs))))
 
 
+AA_MARGIN = 1.01  # a safe factor clears every A/A change the calibration saw by this much
+
+
 def choose(runs: Sequence[Run], passes: Sequence[int],
            factors: Sequence[float]) -> tuple[int, float]:
-    """The gate's (passes, factor): the highest detection rate of the worst-detected benchmark
-    minus the rate of gate false alarms (a pair of identical runs in which any benchmark is
-    flagged); ties go to fewer passes (a faster gate), then to the factor furthest, in log
-    scale, from both the largest A/A change and the smallest injected change."""
+    """The gate's (passes, factor). A failing gate blocks a commit, so the settings are first
+    *safe*: no pair of identical runs fails the gate, and the factor exceeds the largest A/A
+    change of every benchmark by ``AA_MARGIN`` (a factor just above the noise seen fails on
+    the next run). Then: the highest detection rate of the worst-detected benchmark minus the
+    rate of gate false alarms; ties go to fewer passes (a faster gate), then to the factor
+    furthest, in log scale, from both the largest A/A change and the smallest injected
+    change. When no setting is safe, the best of the others."""
     n = len(pairs(len(runs)))
 
-    def merit(p: int, f: float) -> tuple[float, int, float]:
+    def merit(p: int, f: float) -> tuple[bool, float, int, float]:
         scores = [score(runs, b, p, f) for b in runs[0]]
         worst_detection = min(s.detections for s in scores) / n
-        margin = min(math.log(f / max(s.largest_aa_change for s in scores)),
+        largest_aa = max(s.largest_aa_change for s in scores)
+        false_alarms = gate_false_alarms(runs, p, f)
+        safe = false_alarms == 0 and f >= AA_MARGIN * largest_aa
+        margin = min(math.log(f / largest_aa),
                      math.log(min(s.smallest_injected_change for s in scores) / f))
-        return worst_detection - gate_false_alarms(runs, p, f) / n, -p, margin
+        return safe, worst_detection - false_alarms / n, -p, margin
 
     return max(((p, f) for p in passes for f in factors), key=lambda pf: merit(*pf))
 

@@ -133,6 +133,15 @@ def test_the_chosen_settings_avoid_false_alarms_then_save_passes_then_keep_a_mar
     assert choose(alarming, passes=[1, 3], factors=[1.05]) == (3, 1.05)
 
 
+def test_a_factor_just_above_the_noise_seen_is_not_chosen_even_if_it_detects_more():
+    # A/A change 0.5225 / 0.5 = 1.045: 1.05 raises no alarm here and detects both slowdowns
+    # (1.12 and 0.55 / 0.5225 = 1.053), but sits 0.5% above the noise; 1.08 misses one.
+    runs = [run_of(b=(0.5, 0.55)), run_of(b=(0.5225, 0.56))]
+    assert score(runs, "b", 1, 1.05).false_alarms == 0
+    assert [score(runs, "b", 1, f).detections for f in (1.05, 1.08)] == [2, 1]
+    assert choose(runs, passes=[1], factors=[1.05, 1.08]) == (1, 1.08)
+
+
 def option(args: tuple[str, ...], flag: str) -> str:
     return args[args.index(flag) + 1]
 
