@@ -23,7 +23,7 @@ KEEP = 0.5
 MEASURED_SCALES = ["small", "base"]
 BATCHES, BATCH_SIZE, PASSES = 2, 16, 2  # under ~15 s per benchmark at base on this machine kind
 VOCAB = 80
-_PROBE = ModelConfig(vocab_size=VOCAB, d_model=8, n_layers=2, n_seq=16, n_experts=2, d_expert=8,
+_PROBE = ModelConfig(vocab_size=VOCAB, d_model=8, n_layers=4, n_seq=16, n_experts=2, d_expert=8,
                      bk_channels=2)
 NAMES = [name for name, t in techniques().items()
          if name != REFERENCE and makes_decisions(t.make(_PROBE))]
