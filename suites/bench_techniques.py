@@ -15,13 +15,16 @@ from pathlib import Path
 import torch
 
 from bench import gate
+from bench.baselines import Target
 from bench.registry import REFERENCE, techniques
 
 torch.set_num_threads(1)
 
 # asv runs this file from the working tree and the installed package from the commit measured,
 # so the settings are read here, beside the suite: both commits are measured alike.
-SETTINGS = gate.GateSettings.load(Path(__file__).resolve().parent.parent / gate.GATE_FILE)
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = gate.GateSettings.load(ROOT / gate.GATE_FILE)
+TARGET = Target.load(ROOT / "baselines")
 NAMES = [name for name in techniques() if name != REFERENCE]
 
 
@@ -35,7 +38,7 @@ setup_cache.timeout = 900
 
 
 def technique_speed(cache: str, name: str):
-    return gate.measure_technique(gate.bench(cache), name, SETTINGS.passes)
+    return gate.measure_technique(gate.bench(cache, target=TARGET), name, SETTINGS.passes)
 
 
 class Technique:
@@ -60,6 +63,7 @@ class Cumulative:
     timeout = 900
 
     def track_cumulative_time_ratio(self, cache):
-        return gate.time_ratio(gate.measure_cumulative(gate.bench(cache), SETTINGS.passes))
+        bench = gate.bench(cache, target=TARGET)
+        return gate.time_ratio(gate.measure_cumulative(bench, SETTINGS.passes))
 
     track_cumulative_time_ratio.unit = "t_combined / t_dense"

@@ -66,7 +66,7 @@ def test_each_scales_defaults_come_from_its_row_of_the_one_table():
         setup = Setup.at_scale(scale)
         assert {k: getattr(setup, k) for k in asdict(settings)} == asdict(settings)
     small = Setup.at_scale("small")
-    assert small.finetune_steps(techniques()["act"]) == 400  # fraction 0.3 at 2 / 3: 0.2
+    assert small.finetune_steps(techniques()["act"]) == 300  # fraction 0.3 at 2 / 3: 0.2
     assert Setup().finetune_steps(techniques()["act"]) == 450
     with pytest.raises(ValueError, match="unknown scale 'huge'"):
         Setup.at_scale("huge")

@@ -439,7 +439,10 @@ def test_logits_at_a_position_do_not_depend_on_later_tokens_of_the_call(seed, i)
             out = cached(x)
         assert float(out.stats["tier_cache"].mean()) > 0.5
         outputs.append(out.logits[:, :i + 1])
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    # Not bit for bit: a token's expert product is computed in a group of the call's tokens of
+    # that expert, and float32 sums come out differently in another group (2e-7 seen). A key
+    # that read a later token picks another expert or gate: differences of order 0.1.
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
 
 
 def test_the_model_says_why_it_does_not_decode():
