@@ -256,3 +256,15 @@ def test_the_asv_suite_reports_what_the_gate_measures(monkeypatch):
     assert suite.Technique().track_speedup("cache", "act") == 4.0
     assert asked == [("bench of cache", "act", suite.SETTINGS.passes, {})] * 2
     assert suite.NAMES == [gate.measured_techniques(b)[0] for b in gate.benchmarks()[:-1]]
+
+
+def test_the_asv_suite_still_measures_commits_whose_gate_takes_no_target(monkeypatch):
+    # asv runs this suite against older commits' packages too (a history), whose gate.bench
+    # had no target parameter.
+    from suites import bench_techniques as suite
+
+    monkeypatch.setattr(gate, "bench", lambda folder: f"old bench of {folder}")
+    monkeypatch.setattr(gate, "measure_technique",
+                        lambda b, name, passes: Speedup((2.0,), 2.0, 1.0)
+                        if b == "old bench of cache" else None)
+    assert suite.Technique().track_time_ratio("cache", "act") == 0.5
