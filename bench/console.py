@@ -4,8 +4,8 @@ Every row shows its speedup with the spread it was measured with and a NOISY fla
 spread is too wide to trust the figure, and says yes or no to the quality budget. Rows are the
 mappings written to results.json and the sweep files (``technique``, ``wall_speedup``,
 ``wall_q1``/``wall_q3``, ``noise_warning``, ``ceiling_uniform``, ``flops_speedup``,
-``work_ratio``, ``quality_delta``, ``mean_<stat>``); a missing or NaN figure prints as ``n/a``. This module
-imports no model code.
+``work_ratio``, ``quality_delta``, ``mean_<stat>``); a missing or NaN figure prints as
+``n/a``. This module imports no model code.
 """
 
 from __future__ import annotations

@@ -106,7 +106,8 @@ def sweep(setup: Setup, technique: str, knob: str, values: list[Any],
     bench = Bench(setup)
     rows = [bench.measure(technique, {**(fixed or {}), knob: value}) for value in values]
     df = frame(rows)
-    df.insert(1, knob, values)
+    # "none" as text: in a column of numbers pandas would turn None into NaN (printed "nan").
+    df.insert(1, knob, pd.Series(["none" if v is None else v for v in values], dtype=object))
     settings = "-".join(f"{k}={v}" for k, v in sorted((fixed or {}).items()))
     name = "-".join(filter(None, [technique, knob, settings, setup.scale, f"n{setup.seq_len}",
                                   f"w{setup.workload_batches or 'all'}", f"s{setup.steps}"]))

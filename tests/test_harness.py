@@ -692,3 +692,11 @@ def test_distillation_trains_the_technique_from_the_dense_model_and_never_the_co
     assert [(w, t is dense) for w, t in teachers] == [(0.0, False), (0.5, True), (0.0, False)]
     with pytest.raises(ValueError, match="distill"):
         replace(setup, distill=float("nan"))
+
+
+def test_a_sweep_labels_a_switched_off_knob_none_not_nan(tmp_path):
+    from bench.run import sweep
+
+    df, path = sweep(tiny(tmp_path), "sparsity", "capacity", [None, 0.5])
+    assert list(df["capacity"]) == ["none", 0.5]
+    assert "nan" not in path.with_suffix(".csv").read_text().split("\n")[1].split(",")[:3]
