@@ -3,8 +3,8 @@
 Every row shows its speedup with the spread it was measured with and a NOISY flag when that
 spread is too wide to trust the figure, and says yes or no to the quality budget. Rows are the
 mappings written to results.json and the sweep files (``technique``, ``wall_speedup``,
-``wall_q1``/``wall_q3``, ``noise_warning``, ``ceiling_uniform``, ``flops_speedup``,
-``work_ratio``, ``quality_delta``, ``mean_<stat>``); a missing or NaN figure prints as
+``wall_q1``/``wall_q3``, ``noise_warning``, ``ceiling_uniform``, ``work_ratio``,
+``quality_delta``, ``mean_<stat>``); a missing or NaN figure prints as
 ``n/a``. This module imports no model code.
 """
 
@@ -93,7 +93,7 @@ def table(rows: Sequence[Row], counts: Callable[[float | None], bool], budget: f
     column that identifies a row (a sweep's knob).
     """
     header = [clip(label, NAME_WIDTH), "wall speedup (IQR)", "spread", "ceiling", "ideal",
-              "FLOPs", "ppl delta", "in budget?"]
+              "ppl delta", "in budget?"]
     cells = []
     for row in rows:
         q1, q3 = number(row.get("wall_q1")), number(row.get("wall_q3"))
@@ -106,8 +106,8 @@ def table(rows: Sequence[Row], counts: Callable[[float | None], bool], budget: f
         work = number(row.get("work_ratio"))
         ideal = None if work is None or work <= 0 else 1 / work
         cells.append([clip(row.get(label, "?"), NAME_WIDTH), times(row.get("wall_speedup")) + iqr,
-                      noise, times(row.get("ceiling_uniform")), times(ideal),
-                      times(row.get("flops_speedup")), percent(delta), verdict])
+                      noise, times(row.get("ceiling_uniform")), times(ideal), percent(delta),
+                      verdict])
     return "\n".join(grid(header, cells))
 
 
@@ -146,10 +146,11 @@ def legend(rows: Sequence[Row], budget: float, noise_limit: float) -> str:
     return wrap(
         f"spread: interquartile range of the per-round speed ratios over the median; NOISY above "
         f"{noise_limit:.0%}. {noise} ceiling: the same skip pattern with its decisions given "
-        f"for free (n/a: not measured); ideal: 1 / the executed-work ratio; FLOPs: torch's count "
-        f"of matrix products. Ceiling, ideal and FLOPs say what the technique could deliver, not "
-        f"what it did. ppl delta: test perplexity against the dense model trained as long. in "
-        f"budget?: at most +{budget:.0%}, so the row may count toward the target.")
+        f"for free (n/a: not measured); ideal: 1 / the executed-work ratio (FLOPs of the work "
+        f"that ran; torch's FLOP count is in results.csv and the report). Ceiling and ideal say "
+        f"what the technique could deliver, not what it did. ppl delta: test perplexity against "
+        f"the dense model trained as long. in budget?: at most +{budget:.0%}, so the row may "
+        f"count toward the target.")
 
 
 def headline(cumulative: Mapping[str, Any], target: float, budget: float,
