@@ -5,7 +5,8 @@ uses; a test that needs another shape says so with ``dataclasses.replace(TINY, .
 ``tiny_model`` is the cached float64 dense model the decoding and search tests share, and
 ``float64_model`` builds any model class from a seed for tests that change or train it.
 ``token_batches`` draws every token id (so Hypothesis shrinks them); ``random_tokens`` makes a
-batch from a drawn seed, for tests that need many long or paired batches.
+batch from a drawn seed, for tests that need many long or paired batches. ``decode`` steps a
+model through a batch one position at a time, for the tests that decoding equals the forward.
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ def token_sequences(max_len: int = 6, vocab: int = TINY.vocab_size,
     """A 1-D int64 sequence of token ids (a search prompt)."""
     return st.lists(st.integers(0, vocab - 1), min_size=min_len, max_size=max_len).map(
         lambda ids: torch.tensor(ids, dtype=torch.int64))
+
+
+@torch.no_grad()
+def decode(model: nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """``idx`` ``(B, N)``, N >= 1, decoded one position at a time from ``model.init_state``: the
+    logits of every step stacked ``(B, N, V)`` and the N + 1 states (before each step, and
+    after the last)."""
+    states, logits = [model.init_state(idx.shape[0])], []
+    for t in range(idx.shape[1]):
+        step_logits, state = model.step(idx[:, t], states[-1])
+        logits.append(step_logits)
+        states.append(state)
+    return torch.stack(logits, dim=1), states
 
 
 def float64_model(seed: int, model_class: Callable[..., nn.Module] = LanguageModel,

@@ -17,7 +17,7 @@ from bk.adaptive.depth import forced_depths
 from bk.model import LanguageModel, ModelConfig
 from bk.technique import Forcing, KnobError
 from tests.strategies import TINY as CFG
-from tests.strategies import float64_model, random_tokens, seeds, token_batches
+from tests.strategies import decode, float64_model, random_tokens, seeds, token_batches
 
 # ---------------------------------------------------------------------------------------------
 # halting(p, threshold)
@@ -332,10 +332,7 @@ def test_decode_steps_match_the_full_forward_pass(idx, thr):
     MODEL.act_threshold = thr
     with torch.no_grad():
         full = MODEL(idx).logits
-        state = MODEL.init_state(idx.shape[0])
-        for i in range(idx.shape[1]):
-            logits, state = MODEL.step(idx[:, i], state)
-            torch.testing.assert_close(logits, full[:, i], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(decode(MODEL, idx)[0], full, rtol=1e-10, atol=1e-10)
 
 
 @given(token_batches(), model_threshold)

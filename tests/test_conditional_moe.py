@@ -11,7 +11,7 @@ from bench.registry import get
 from bk.adaptive.conditional_moe import ConditionalMoE, ConditionalMoELanguageModel
 from bk.model import LanguageModel
 from bk.technique import Forcing, KnobError
-from tests.strategies import TINY, seeds
+from tests.strategies import TINY, decode, seeds
 
 D_MODEL, D_HIDDEN = 8, 8
 
@@ -376,10 +376,7 @@ def test_decoding_one_position_at_a_time_equals_the_forward_pass(seed, b, n, bou
     x = torch.randint(0, TINY.vocab_size, (b, n))
     with torch.no_grad():
         full = model(x)
-        state = model.init_state(b)
-        for t in range(n):
-            logits, state = model.step(x[:, t], state)
-            torch.testing.assert_close(logits, full.logits[:, t], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(decode(model, x)[0], full.logits, rtol=1e-10, atol=1e-10)
 
 
 # -- forcing ----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from bench.registry import REFERENCE, techniques
 from bk.model import LanguageModel
 from bk.technique import Forcing, KnobError, TechniqueModel
 from tests.strategies import TINY_4_LAYERS as CFG
-from tests.strategies import random_tokens, seeds
+from tests.strategies import decode, random_tokens, seeds
 
 NAMES = [name for name in techniques() if name != REFERENCE]
 F64 = torch.float64
@@ -89,10 +89,7 @@ def test_decoding_equals_the_forward_pass_or_says_why_it_cannot(name, seed, b, n
         return
     with torch.no_grad():
         full = model(x).logits
-        state = model.init_state(b)
-        for t in range(n):
-            logits, state = model.step(x[:, t], state)
-            torch.testing.assert_close(logits, full[:, t], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(decode(model, x)[0], full, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", NAMES)

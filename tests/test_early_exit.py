@@ -14,7 +14,7 @@ from bk.core import resolvent_diag_loop
 from bk.model import H0_DIAGONAL, LanguageModel
 from bk.technique import Forcing, KnobError
 from tests.strategies import TINY as CFG
-from tests.strategies import random_tokens, seeds, token_batches
+from tests.strategies import decode, random_tokens, seeds, token_batches
 
 LAYERS = CFG.n_layers
 
@@ -213,10 +213,7 @@ def test_step_by_step_decoding_matches_the_forward_pass(seed, idx, threshold, mi
     model = exit_model(seed, threshold, min_exit_layer)
     with torch.no_grad():
         full = model(idx).logits
-        state = model.init_state(idx.shape[0])
-        for i in range(idx.shape[1]):
-            logits, state = model.step(idx[:, i], state)
-            torch.testing.assert_close(logits, full[:, i], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(decode(model, idx)[0], full, rtol=1e-10, atol=1e-10)
 
 
 @given(seeds, min_layers)

@@ -13,7 +13,7 @@ from bench.registry import get
 from bk.adaptive.depth import CapacityDepthModel, CapacityState, straight_through
 from bk.model import DecodeState, LanguageModel
 from bk.technique import Forcing, KnobError
-from tests.strategies import TINY_4_LAYERS, random_tokens, seeds, token_batches
+from tests.strategies import TINY_4_LAYERS, decode, random_tokens, seeds, token_batches
 
 CFG = replace(TINY_4_LAYERS, n_seq=6)  # so that short sequences span several capacity windows
 F64 = torch.float64
@@ -124,10 +124,9 @@ def test_step_by_step_decoding_matches_the_forward_pass(seed, idx, capacity, rou
     model = mod_model(seed, capacity, routed)
     with torch.no_grad():
         full = model(idx).logits
-        state = model.init_state(idx.shape[0])
-        for i in range(idx.shape[1]):
-            logits, state = model.step(idx[:, i], state)
-            torch.testing.assert_close(logits, full[:, i], rtol=1e-10, atol=1e-10)
+    logits, states = decode(model, idx)
+    torch.testing.assert_close(logits, full, rtol=1e-10, atol=1e-10)
+    state = states[-1]
     assert isinstance(state, CapacityState) and state.ran.shape == (len(model.routers),
                                                                     idx.shape[0])
 

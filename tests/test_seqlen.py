@@ -17,7 +17,7 @@ from bk.adaptive.seqlen import (
 )
 from bk.model import LanguageModel
 from bk.technique import Forcing, KnobError
-from tests.strategies import TINY, random_tokens, seeds, token_batches
+from tests.strategies import TINY, decode, random_tokens, seeds, token_batches
 
 CFG = replace(TINY, n_seq=48)  # three length bins
 BINS = (16, 32, 48)
@@ -345,10 +345,7 @@ def test_decoding_one_position_at_a_time_equals_the_forward_pass(seed, b, n):
     idx = random_tokens(seed, b, n)
     with torch.no_grad():
         full = model(idx).logits
-        state = model.init_state(b)
-        for t in range(n):
-            logits, state = model.step(idx[:, t], state)
-            torch.testing.assert_close(logits, full[:, t], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(decode(model, idx)[0], full, rtol=1e-10, atol=1e-10)
 
 
 def test_decoding_stops_computing_a_stopped_sequence():
