@@ -143,17 +143,20 @@ def cumulative(rows: Mapping[str, Row]) -> dict[str, Any]:
 
 
 def make_record(rows: Sequence[Row], setup: dict[str, Any], target: Target,
-                commit: str) -> dict[str, Any]:
-    """A schema-2 record of ``rows``, all of the setup's scale."""
+                commit: str, axes: Mapping[str, Mapping[str, Row]] | None = None
+                ) -> dict[str, Any]:
+    """A schema-2 record of ``rows``, all of the setup's scale, with ``axes``: by technique
+    and axis, the technique's row with that axis off (``bench.run.measure_axes``)."""
     scale = setup.get("scale")
-    other = sorted({row.scale for row in rows} - {scale})
+    variants = [row for by_axis in (axes or {}).values() for row in by_axis.values()]
+    other = sorted({row.scale for row in [*rows, *variants]} - {scale})
     if other:
         raise ValueError(f"a record is of one scale: rows of scale {', '.join(other)} in a "
                          f"record of scale {scale!r}")
     techniques = {row.technique: row for row in rows}
     reference = next((row.reference_perplexity for row in rows
                       if row.reference_perplexity is not None), None)
-    return {
+    rec = {
         "schema": 2,
         "commit": commit,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -167,6 +170,10 @@ def make_record(rows: Sequence[Row], setup: dict[str, Any], target: Target,
         "target": {"cumulative_speedup": target.cumulative_speedup,
                    "quality_budget": target.quality_budget},
     }
+    if axes:
+        rec["axes"] = {name: {axis: row.to_dict() for axis, row in by_axis.items()}
+                       for name, by_axis in axes.items()}
+    return rec
 
 
 def record_scale(rec: Mapping[str, Any]) -> str:
@@ -178,6 +185,16 @@ def record_rows(rec: Mapping[str, Any], where: str = "the record") -> dict[str, 
     """The rows of a schema-2 record by technique."""
     return {name: Row.from_dict(row, f"{where}: technique {name!r}", record_scale(rec))
             for name, row in rec["techniques"].items()}
+
+
+def record_axes(rec: Mapping[str, Any], where: str = "the record"
+                ) -> dict[str, dict[str, Row]]:
+    """The record's rows with one axis off, by technique and axis (none in older records)."""
+    axes = rec.get("axes", {})
+    if not isinstance(axes, dict) or not all(isinstance(v, dict) for v in axes.values()):
+        raise RowError(f"{where}: field 'axes' is not an object of objects")
+    return {name: {axis: Row.from_dict(row, f"{where}: axes of {name!r}, {axis!r} off")
+                   for axis, row in by_axis.items()} for name, by_axis in axes.items()}
 
 
 def records_dir(root: Path = BASELINES) -> Path:
@@ -234,6 +251,16 @@ def _validate_rows(rec: dict[str, Any], where: str) -> None:
                              f"{row.technique!r} at scale {row.scale!r} with counts "
                              f"{row.counts!r}; expected {name!r} at {scale!r}, counts true or "
                              "false")
+    try:
+        axes = record_axes(rec, where)
+    except RowError as err:
+        raise ValueError(str(err)) from None
+    for name, by_axis in axes.items():
+        for axis, row in by_axis.items():
+            if name not in rows or row.technique != name or row.scale != scale:
+                raise ValueError(f"{where}: axes of {name!r}, {axis!r} off, holds a row of "
+                                 f"technique {row.technique!r} at scale {row.scale!r}; "
+                                 f"expected a technique of the record, {name!r} at {scale!r}")
 
 
 def _validate_schema_1_rows(rec: dict[str, Any], where: str) -> None:

@@ -138,6 +138,35 @@ def stats_table(rows: Sequence[Row], label: str = "technique") -> str:
     return "per-token statistics (mean over the workload's tokens):\n" + "\n\n".join(parts)
 
 
+def axes_table(record: Mapping[str, Any]) -> str:
+    """Per technique with axes (``record["axes"]``): the technique with each axis off, and
+    what that axis adds with every other axis on: its speed factor (all on / this one off) and
+    its perplexity cost in points. Empty when the record has none."""
+    parts = []
+    for name, by_axis in (record.get("axes") or {}).items():
+        full = record["techniques"][name]
+        header = [clip(f"{name} without", NAME_WIDTH), "wall speedup (IQR)", "ppl delta",
+                  "the axis: speed", "the axis: ppl"]
+        cells = []
+        for axis, row in by_axis.items():
+            q1, q3 = number(row.get("wall_q1")), number(row.get("wall_q3"))
+            iqr = "" if q1 is None or q3 is None else f" ({ratio(q1)}-{ratio(q3)})"
+            speed, off = number(full.get("wall_speedup")), number(row.get("wall_speedup"))
+            delta, off_delta = number(full.get("quality_delta")), number(row.get("quality_delta"))
+            cost = (None if delta is None or off_delta is None else
+                    f"{100 * (delta - off_delta):+.1f} points")
+            cells.append([clip(axis, NAME_WIDTH), times(off) + iqr, percent(off_delta),
+                          times(None if speed is None or not off else speed / off),
+                          cost or "n/a"])
+        parts.append("\n".join(grid(header, cells)))
+    if not parts:
+        return ""
+    return "\n\n".join(parts) + "\n" + wrap(
+        "the axis: what it adds with every other axis on, its speed as the speedup with all "
+        "axes over the speedup without it, its quality cost as the difference of perplexity "
+        "deltas.")
+
+
 def legend(rows: Sequence[Row], budget: float, noise_limit: float) -> str:
     flagged = sum(noisy(r) for r in rows)
     noise = (f"{flagged} of {len(rows)} rows are NOISY: their speedups are not firm; re-run with "
@@ -189,6 +218,9 @@ def run_summary(results: Mapping[str, Any], target: Any, noise_limit: float,
     rows, record = results["rows"], results["record"]
     budget = target.quality_budget
     parts = [table(rows, target.counts, budget), "", legend(rows, budget, noise_limit), ""]
+    axes = axes_table(record)
+    if axes:
+        parts += [axes, ""]
     quality = record.get("quality") or {}
     if quality:
         parts.append(wrap(f"dense model: {quality['dense_test_bits']:.3f} bits/char on the test "

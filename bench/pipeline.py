@@ -322,6 +322,16 @@ def note(message: str) -> None:
 
 # ----------------------------------------------------------------------------- the bench
 
+def axis_variants(technique: Technique) -> dict[str, dict[str, Any]]:
+    """The technique with each of its axes off (``Technique.axes``) by label, ``"combined
+    without depth"``: the knobs that switch that axis off (the others stay at their defaults)."""
+    return {axis_label(technique.name, axis): dict(off) for axis, off in technique.axes.items()}
+
+
+def axis_label(name: str, axis: str) -> str:
+    return f"{name} without {axis}"
+
+
 @dataclass(frozen=True)
 class Plan:
     """One cached model: where it lives and everything that determines it."""
@@ -392,9 +402,11 @@ class Bench:
             with self.progress.phase(name) as advance:
                 yield advance
 
-    def job(self, names: Iterable[str], ceilings: bool = True) -> list[Phase]:
+    def job(self, names: Iterable[str], ceilings: bool = True, axes: bool = False
+            ) -> list[Phase]:
         """The phases ``measure`` runs for the techniques ``names`` (at their default knobs),
-        after ``dense`` and ``quality(dense)``; trainings whose checkpoints exist are marked
+        after ``dense`` and ``quality(dense)``, and with ``axes`` those of each technique with
+        each of its axes off (``axis_variants``); trainings whose checkpoints exist are marked
         skipped (entering one that turns out stale runs it after all)."""
         steps_left = self.setup.train_config().steps
         phases = [Phase(f"train {REFERENCE}", steps_left, "train",
@@ -405,21 +417,25 @@ class Bench:
         ceiling_rounds = len(PATTERNS) * self.setup.rounds * len(self.ceiling_workload.batches)
         timing = ("train", 2 / 3)  # a timed round: two forward passes, a third of a step each
         evaluations, tail = [REFERENCE], []
-        for name in names:
+        measured = [(name, None, name) for name in names]
+        if axes:
+            measured += [(name, knobs, label) for name in names
+                         for label, knobs in axis_variants(get(name)).items()]
+        for name, knobs, label in measured:
             technique = get(name)
             reference = self.reference_name(technique)
             decides = False
-            for model in (reference, name):
+            for model in (reference, label):
                 if model != REFERENCE and all(p.name != f"fine-tune {model}" for p in phases):
-                    plan, first = self._plan_of(model, technique)
+                    plan, first = self._plan_of(model, technique, knobs)
                     phases.append(Phase(f"fine-tune {model}", plan.train_config.steps, "train",
                                         skipped=plan.path.exists()))
-                    decides = decides or (model == name and makes_decisions(first))
-            tail.append(Phase(f"measure {name}", rounds, "measure", "rounds",
+                    decides = decides or (model == label and makes_decisions(first))
+            tail.append(Phase(f"measure {label}", rounds, "measure", "rounds",
                               priced_like=timing))
-            evaluations += [m for m in (reference, name) if m not in evaluations]
-            if ceilings and decides:
-                tail.append(Phase(f"ceilings {name}", ceiling_rounds, "ceiling", "rounds",
+            evaluations += [m for m in (reference, label) if m not in evaluations]
+            if ceilings and decides and knobs is None:
+                tail.append(Phase(f"ceilings {label}", ceiling_rounds, "ceiling", "rounds",
                                   priced_like=("measure", 1.0)))
         phases += [Phase(f"quality {m}", evaluate_batches, "evaluate", "batches",
                          priced_like=("train", 1 / 3)) for m in evaluations]
@@ -428,11 +444,12 @@ class Bench:
                 phase.done = phase.units
         return phases + tail
 
-    def _plan_of(self, model: str, technique: Technique) -> tuple[Plan, nn.Module]:
+    def _plan_of(self, model: str, technique: Technique,
+                 knobs: Mapping[str, Any] | None = None) -> tuple[Plan, nn.Module]:
         if model == CONTROL:
             return self._finetune_plan(CONTROL, LanguageModel, self.finetune_steps(technique),
                                        {}, ())
-        values = technique.resolve()
+        values = technique.resolve(knobs)
         return self._finetune_plan(technique.name,
                                    lambda config: technique.build(config, values),
                                    self.finetune_steps(technique), values,
@@ -567,20 +584,23 @@ class Bench:
     def _finetuned(self, name: str, build: Callable[[ModelConfig], nn.Module], steps: int,
                    knobs: dict[str, Any],
                    schedule: Callable[[nn.Module, float], None] | None,
-                   code: Iterable[Callable[..., Any] | None] = ()) -> nn.Module:
-        """``build`` initialised from the trained dense model and trained ``steps`` more steps."""
+                   code: Iterable[Callable[..., Any] | None] = (),
+                   label: str | None = None) -> nn.Module:
+        """``build`` initialised from the trained dense model and trained ``steps`` more steps;
+        its phase is ``fine-tune <label>`` (the name unless told)."""
         ident = json.dumps([name, knobs, steps], sort_keys=True, default=str)
         if ident not in self._loaded:
             plan, first = self._finetune_plan(name, build, steps, knobs, code)
-            self._loaded[ident] = self._train_or_load(plan, first, build, name, knobs, schedule)
+            self._loaded[ident] = self._train_or_load(plan, first, build, name, knobs, schedule,
+                                                      f"fine-tune {label or name}")
         return self._loaded[ident]
 
     def _train_or_load(self, plan: Plan, first: nn.Module,
                        build: Callable[[ModelConfig], nn.Module], name: str,
                        knobs: dict[str, Any],
-                       schedule: Callable[[nn.Module, float], None] | None) -> nn.Module:
+                       schedule: Callable[[nn.Module, float], None] | None,
+                       phase: str) -> nn.Module:
         fresh = [first]
-        phase = f"fine-tune {name}"
 
         def initial() -> nn.Module:
             if fresh:
@@ -612,16 +632,17 @@ class Bench:
     def finetune_steps(self, technique: Technique) -> int:
         return self.setup.finetune_steps(technique)
 
-    def candidate(self, technique: Technique | str,
-                  knobs: Mapping[str, Any] | None = None) -> nn.Module:
-        """The technique fine-tuned from the trained dense model (cached on disk)."""
+    def candidate(self, technique: Technique | str, knobs: Mapping[str, Any] | None = None,
+                  label: str | None = None) -> nn.Module:
+        """The technique fine-tuned from the trained dense model (cached on disk); ``label``
+        names its phase when it is not the technique at its default knobs (an axis off)."""
         technique = get(technique) if isinstance(technique, str) else technique
         if technique.name == REFERENCE:
             return self.dense()
         values = technique.resolve(knobs)
         return self._finetuned(technique.name, lambda config: technique.build(config, values),
                                self.finetune_steps(technique), values, technique.schedule,
-                               code=(technique.build, technique.schedule))
+                               code=(technique.build, technique.schedule), label=label)
 
     def reference_name(self, technique: Technique) -> str:
         """``dense``, or the dense control when the technique trains weights for some steps."""
@@ -639,23 +660,26 @@ class Bench:
         return self._finetuned(CONTROL, LanguageModel, self.finetune_steps(technique), {}, None)
 
     def measure(self, technique: Technique | str, knobs: Mapping[str, Any] | None = None, *,
-                ceilings: bool = False) -> Row:
+                ceilings: bool = False, label: str | None = None) -> Row:
         """The technique's row: timed against its reference, FLOPs and work counted, quality
         scored (``counts`` against ``target``); with ``ceilings``, its ceilings at the keep rate
-        matching its measured work (``bench.ceilings.realised_ceilings``)."""
+        matching its measured work (``bench.ceilings.realised_ceilings``). ``label`` names the
+        phases (the technique's name unless told)."""
         technique = get(technique) if isinstance(technique, str) else technique
-        candidate, reference = self.candidate(technique, knobs), self.reference(technique)
-        with self._phase(f"measure {technique.name}") as advance:
+        label = label or technique.name
+        candidate = self.candidate(technique, knobs, label)
+        reference = self.reference(technique)
+        with self._phase(f"measure {label}") as advance:
             row = compare(technique.name, reference, candidate, self.workload,
                           scale=self.setup.scale, knobs=technique.resolve(knobs),
                           rounds=self.setup.rounds, after_round=advance)
         ref = self.quality(reference, self.reference_name(technique)).perplexity
-        cand = self.quality(candidate, technique.name).perplexity
+        cand = self.quality(candidate, label).perplexity
         row = replace(row, reference_perplexity=ref, candidate_perplexity=cand,
                       quality_delta=cand / ref - 1, counts=self.target.counts(cand / ref - 1))
         if not ceilings:
             return row
-        phase = f"ceilings {technique.name}" if makes_decisions(candidate) else None
+        phase = f"ceilings {label}" if makes_decisions(candidate) else None
         with self._phase(phase) as advance:
             figures = realised_ceilings(candidate, reference, row, self.ceiling_workload,
                                         passes=self.setup.rounds, after_round=advance)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -29,7 +29,9 @@ class Technique:
     before each fine-tuning step with progress in [0, 1] (for example a sparsity schedule).
     ``updates_weights=False`` marks a technique whose fine-tuning steps only calibrate (they
     change no weight), so its quality reference is the dense model itself, not the dense model
-    trained for the same steps.
+    trained for the same steps. ``axes`` names, for a technique that composes several ways of
+    cutting work, the knob values that switch each one off (``TechniqueModel.AXES``): a run
+    measures the technique with each axis off in turn, which is that axis's contribution.
     """
 
     name: str
@@ -41,10 +43,12 @@ class Technique:
     schedule: Callable[[nn.Module, float], None] | None = None
     updates_weights: bool = True
     model: type[TechniqueModel] | None = None  # the contract (bk/technique.py)
+    axes: Mapping[str, Mapping[str, Value]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.model is not None:  # knobs, build and schedule come from the model class
             object.__setattr__(self, "knobs", self.model.KNOBS)
+            object.__setattr__(self, "axes", self.model.AXES)
             object.__setattr__(self, "build", self.model.from_knobs)
             object.__setattr__(self, "schedule", lambda m, progress: m.schedule(progress))
 

@@ -683,6 +683,51 @@ def section_realisation(results: RunResults | None, records: Sequence[dict[str, 
     return "".join(parts)
 
 
+def section_axes(results: RunResults | None, records: Sequence[dict[str, Any]]) -> str:
+    """Per scale (this run's record at its scale, else the latest record that has them), each
+    composed technique with every axis on and with each axis off in turn."""
+    from bench.baselines import record_axes, record_rows, record_scale
+    from bk.model import SCALES
+
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    for rec in records:
+        if rec.get("schema") == 2 and rec.get("axes"):
+            found[record_scale(rec)] = (f"record {str(rec.get('commit', ''))[:10]}", rec)
+    if results is not None and results.record.get("axes"):
+        found[(results.record.get("setup") or {}).get("scale", "tiny")] = ("this run",
+                                                                           results.record)
+    if not found:
+        return ("<p class=missing>No run measured a composed technique with its axes off: "
+                "<code>bk-bench run</code> does so for every technique that declares axes "
+                "(<code>combined</code>).</p>")
+    parts = ["<p>A composed technique (one forward pass over several ways of cutting work) is "
+             "measured again with each axis switched off, the others at their defaults. What "
+             "an axis adds with the others on: its <b>speed</b>, the speedup with every axis "
+             "over the speedup without it, and its <b>quality cost</b>, the difference of the "
+             "perplexity deltas. Axes do not multiply: each figure is measured.</p>"]
+    header = ["axes", "wall speedup", "ppl delta", "in budget?", "the axis: speed",
+              "the axis: quality cost"]
+    for scale in [*SCALES, *sorted(set(found) - set(SCALES))]:
+        if scale not in found:
+            continue
+        where, rec = found[scale]
+        full_rows = record_rows(rec, where)
+        for name, by_axis in record_axes(rec, where).items():
+            full = full_rows[name]
+            cells = [["<b>all on</b>", fmt(full.wall_speedup), fmt(full.quality_delta, "{:+.1%}"),
+                      "yes" if full.counts else "no", "", ""]]
+            for axis, row in by_axis.items():
+                cost = (None if full.quality_delta is None or row.quality_delta is None
+                        else full.quality_delta - row.quality_delta)
+                cells.append([f"without {esc(axis)}", fmt(row.wall_speedup),
+                              fmt(row.quality_delta, "{:+.1%}"), "yes" if row.counts else "no",
+                              fmt(full.wall_speedup / row.wall_speedup),
+                              fmt(None if cost is None else 100 * cost, "{:+.1f} points")])
+            parts += [f"<h3>{esc(name)} at scale {esc(scale)} <small>({esc(where)})</small></h3>",
+                      table(header, cells)]
+    return "".join(parts)
+
+
 def _quality_note(record: dict[str, Any]) -> str:
     quality = record.get("quality") or {}
     if "dense_test_bits" not in quality:
@@ -1095,6 +1140,7 @@ def build(inputs: Inputs, out: Path) -> Path:
          lambda: section_techniques(results, target.quality_budget, out)),
         ("realisation", "Realised, ceiling and ideal",
          lambda: section_realisation(results, records, out)),
+        ("axes", "Each axis's contribution", lambda: section_axes(results, records)),
         ("tokens", "Where the compute goes", lambda: section_tokens(tokens, order)),
         ("tuning", "Tuning: Pareto fronts",
          lambda: section_tuning(tunings, out)),

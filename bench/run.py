@@ -13,9 +13,9 @@ from bench.baselines import make_record
 from bench.console import setup_title
 from bench.figures import speed_points, speed_quality
 from bench.files import dump_json, publish
-from bench.pipeline import Bench, Setup
+from bench.pipeline import Bench, Setup, axis_label
 from bench.progress import Progress
-from bench.registry import REFERENCE, techniques
+from bench.registry import REFERENCE, get, techniques
 from bench.rows import Row
 from bench.tokens import passage_stats
 from bk.ngram import ngram_cross_entropy
@@ -51,6 +51,19 @@ def measure_all(bench: Bench, names: Iterable[str] | None = None, *,
     return [bench.measure(name, ceilings=ceilings) for name in chosen(names)]
 
 
+def measure_axes(bench: Bench, names: Iterable[str]) -> dict[str, dict[str, Row]]:
+    """Each technique that declares axes (``Technique.axes``) with each axis off in turn, by
+    technique and axis: against the technique with every axis on, what that axis contributes
+    in speed and in quality. No ceilings: these rows only explain the technique's row."""
+    measured = {}
+    for name in names:
+        technique = get(name)
+        if technique.axes:
+            measured[name] = {axis: bench.measure(technique, off, label=axis_label(name, axis))
+                              for axis, off in technique.axes.items()}
+    return measured
+
+
 def chosen(names: Iterable[str] | None = None) -> list[str]:
     """``names``, or every registered technique (dense first); unknown names are refused."""
     registered = techniques()
@@ -64,25 +77,27 @@ def chosen(names: Iterable[str] | None = None) -> list[str]:
 
 def run(setup: Setup, names: Iterable[str] | None = None,
         commit: str = "uncommitted") -> dict[str, Any]:
-    """Measure everything (ceilings included); write results.json, results.csv, speedups.png
+    """Measure everything (ceilings included, and each technique with each of its axes off);
+    write results.json, results.csv, speedups.png
     (speed against quality) and tokens.json (per-token statistics for the report) as one set
     (``bench.files.publish``: a reader never sees files of two runs). Progress is reported by
     phase (``bench.progress``) unless ``setup.progress`` is off."""
     bench = Bench(setup)
     target = bench.target
     names = chosen(names)
-    progress = Progress(bench.job(names), title=f"bk-bench run --scale {setup.scale}",
+    progress = Progress(bench.job(names, axes=True), title=f"bk-bench run --scale {setup.scale}",
                         live=None if setup.progress else False)
     bench.progress = progress
     try:
         bench.dense()
         quality = baseline_quality(bench)
         rows = measure_all(bench, names, ceilings=True)
+        axes = measure_axes(bench, names)
     finally:
         if setup.progress:
             progress.close()
     record = make_record([r for r in rows if r.technique != REFERENCE], setup.describe(),
-                         target, commit)
+                         target, commit, axes)
     record["quality"] = quality
     dicts = [r.to_dict() for r in rows]
     figure = speed_quality(speed_points(dicts, target.counts), target.quality_budget,

@@ -21,6 +21,9 @@ A technique model is a :class:`TechniqueModel`, a subclass of the dense
 * **forced(forcing)**: the same model running its own skip path with its decisions given for
   free (no predictor, no exit heads), at a given keep rate: the technique's ceiling. ``None``
   when the technique makes no decisions.
+* **AXES** (optional): for a model that composes several ways of cutting work, each axis's
+  name and the knob values that switch it off, so that the harness can measure what each axis
+  contributes (the model with that axis off must equal the model without it).
 
 Adding a technique is one model file here, one registration in ``bench/techniques/`` and its
 tests; ``docs/techniques.md`` walks through an example.
@@ -178,6 +181,7 @@ class TechniqueModel(LanguageModel):
     """Base class of every technique model; see the module docstring for the contract."""
 
     KNOBS: ClassVar[tuple[Knob, ...]] = ()
+    AXES: ClassVar[Mapping[str, Mapping[str, KnobValue]]] = {}
     DECODES: ClassVar[bool] = True
     NO_DECODE_REASON: ClassVar[str] = ""
 

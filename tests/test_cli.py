@@ -229,6 +229,21 @@ def test_the_run_summary_counts_the_noisy_rows_and_says_where_the_report_is():
     assert max(len(line) for line in text.splitlines()) <= console.WIDTH
 
 
+def test_the_axes_table_gives_each_axis_its_speed_factor_and_quality_cost_in_points():
+    # all on: 2.4x at +30%; without depth 1.6x at +10%: depth adds 2.4 / 1.6 = 1.5x for 20 points
+    record = {"techniques": {"combined": row("combined", 2.4, 2.3, 2.5, 0.30)},
+              "axes": {"combined": {"depth": row("combined", 1.6, 1.5, 1.7, 0.10),
+                                    "positions": row("combined", 3.0, 2.9, 3.1, 0.35)}}}
+    lines = console.axes_table(record).splitlines()
+    assert lines[0].startswith("combined without") and "the axis: speed" in lines[0]
+    assert lines[1].split() == ["depth", "1.60x", "(1.50-1.70)", "+10.0%", "1.50x", "+20.0",
+                                "points"]
+    assert lines[2].split() == ["positions", "3.00x", "(2.90-3.10)", "+35.0%", "0.80x", "-5.0",
+                                "points"]
+    assert max(len(line) for line in lines) <= console.WIDTH
+    assert console.axes_table({"techniques": {}}) == ""
+
+
 # ---------------------------------------------------------------------------------------------
 # The figure's inputs
 

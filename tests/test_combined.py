@@ -66,6 +66,24 @@ def test_with_factor_one_and_both_axes_off_it_is_the_dense_model():
         torch.testing.assert_close(combined(x).logits, dense(x).logits, rtol=1e-12, atol=1e-12)
 
 
+def test_each_declared_axis_switched_off_removes_its_own_machinery_and_all_off_is_dense():
+    axes = CombinedLanguageModel.AXES
+    assert set(axes) == {"sequence", "depth", "positions"}
+    sequence, _ = models(**axes["sequence"])
+    assert all(sequence.block_context(i) == CONFIG.n_seq for i in range(CONFIG.n_layers))
+    assert len(sequence.routers) > 0 and len(sequence.importance) > 0
+    depth, _ = models(**axes["depth"])
+    assert len(depth.routers) == 0 and len(depth.importance) > 0
+    positions, _ = models(**axes["positions"])
+    assert len(positions.routers) > 0 and len(positions.importance) == 0
+    combined, _ = models(**{k: v for off in axes.values() for k, v in off.items()})
+    dense = LanguageModel(CONFIG).double().eval()
+    dense.load_state_dict(combined.state_dict(), strict=False)
+    x = random_tokens(0, 3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(combined(x).logits, dense(x).logits, rtol=1e-12, atol=1e-12)
+
+
 def test_the_routed_blocks_have_routers_and_the_others_predictors():
     combined, _ = models(depth_routed="alternate")
     assert sorted(combined.routers) == ["1", "3"]

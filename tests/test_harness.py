@@ -21,7 +21,15 @@ import torch
 
 from bench import baselines, pipeline
 from bench.cli import build_parser, main, parse_value, setup_from
-from bench.files import figure_writer, locked, publish, read_json, write_atomic, write_new
+from bench.files import (
+    dump_json,
+    figure_writer,
+    locked,
+    publish,
+    read_json,
+    write_atomic,
+    write_new,
+)
 from bench.measure import Workload
 from bench.pipeline import Bench, Setup
 from bench.registry import get, techniques
@@ -96,6 +104,20 @@ def test_cumulative_is_one_until_a_technique_counts_and_never_a_product():
     assert rec["cumulative"]["source"] == "a"
     assert rec["cumulative"]["combined"] == {"wall_speedup": 4.0, "counts": False,
                                              "quality_delta": pytest.approx(0.2)}
+
+
+def test_a_record_keeps_each_axis_row_and_refuses_one_of_another_technique_or_scale(tmp_path):
+    full, without = make_row("combined", 2.0), make_row("combined", 1.5, ppl_cand=10.1)
+    setup, target = {"scale": "tiny"}, baselines.Target(10.0, 0.05, 0.01, 0.1)
+    rec = baselines.make_record([full], setup, target, "c" * 40, {"combined": {"depth": without}})
+    stored = baselines.validate_record(json.loads(dump_json(rec)), "r")
+    assert baselines.record_axes(stored) == {"combined": {"depth": without}}
+    assert baselines.record_axes(baselines.make_record([full], setup, target, "c" * 40)) == {}
+    for bad in (make_row("act", 1.5), make_row("combined", 1.5, scale="small")):
+        wrong = json.loads(dump_json(rec))
+        wrong["axes"]["combined"]["depth"] = bad.to_dict()
+        with pytest.raises(ValueError, match="axes of 'combined', 'depth' off"):
+            baselines.validate_record(wrong, "r")
 
 
 def test_check_flags_a_speedup_drop_beyond_tolerance_and_a_quality_budget_breach():

@@ -228,7 +228,7 @@ def test_every_phase_of_a_run_is_in_its_job_and_a_second_run_serves_every_model_
     setup = small_setup(tmp_path, steps=3, progress=True)
     run(setup)
     err = capsys.readouterr().err
-    phases = Bench(setup).job(list(techniques()))
+    phases = Bench(setup).job(list(techniques()), axes=True)
     trainings = [p for p in phases if p.name.startswith(("train ", "fine-tune "))]
     assert all(p.skipped for p in trainings), "the job knows every model is cached now"
     assert re.search(rf"finished in \S+ \({len(phases)} phases ran\)", err), err
@@ -242,3 +242,9 @@ def test_every_phase_of_a_run_is_in_its_job_and_a_second_run_serves_every_model_
     assert rows["multiscale"].decisions == "none"
     assert rows["multiscale"].ceiling_uniform == rows["multiscale"].wall_speedup
     assert rows["mod"].decisions == "learned" and rows["mod"].keep_uniform is not None
+    axes = baselines.record_axes(results["record"])
+    assert set(axes) == {"combined"}  # the one technique that declares axes
+    for axis, off in techniques()["combined"].axes.items():
+        assert axes["combined"][axis].technique == "combined"
+        assert {k: axes["combined"][axis].knobs[k] for k in off} == off
+    assert axes["combined"]["depth"].keep_uniform is None  # these rows explain, no ceilings

@@ -30,6 +30,7 @@ from bench.report import (
     load_results,
     load_tuning,
     pareto_front,
+    section_axes,
     section_realisation,
     shaded_passage,
 )
@@ -837,3 +838,20 @@ def test_the_realisation_table_splits_the_gap_into_overhead_and_decision_cost(tm
     assert cells == ["<b>skipper</b>", "1.20x", "1.50x", "1.25x", "2.00x", "25%", "20%",
                      "idea: little work skipped"]
     assert (tmp_path / "realisation-tiny.png").read_bytes().startswith(PNG)
+
+
+def test_the_axes_section_shows_each_axis_off_and_what_it_adds(tmp_path):
+    # all on 2.4x at +30%; depth off 1.6x at +10%: depth adds 1.50x for 20.0 points
+    full = row("combined", 2.4, 2.3, 2.5, 3.0, 0.3, 0.30, scale="small")
+    off = row("combined", 1.6, 1.5, 1.7, 2.0, 0.5, 0.10, scale="small")
+    path = write_results(tmp_path / "runs" / "results.json", [full])
+    data = json.loads(path.read_text())
+    data["record"].update(schema=2, scale="small", setup={"scale": "small"},
+                          techniques={"combined": full}, axes={"combined": {"depth": off}})
+    path.write_text(dump_json(data))
+    html_text = section_axes(load_results(path), [])
+    assert "combined at scale small" in html_text and "(this run)" in html_text
+    cells = re.findall(r"<td>(.*?)</td>", html_text)
+    assert cells == ["<b>all on</b>", "2.40x", "+30.0%", "no", "", "",
+                     "without depth", "1.60x", "+10.0%", "no", "1.50x", "+20.0 points"]
+    assert "No run measured" in section_axes(None, [])

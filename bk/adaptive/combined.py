@@ -72,6 +72,9 @@ class CombinedLanguageModel(DepthRouting, PositionSparsity, MultiScaleLanguageMo
         replace(SPARSITY_WEIGHT, grid=(1.0,)),
         CAPACITY)
     DEPTH_CAPACITY: ClassVar[str] = "depth_capacity"
+    AXES: ClassVar[dict[str, dict[str, int | None]]] = {
+        "sequence": {"factor": 1}, "depth": {"depth_capacity": None},
+        "positions": {"target_sparsity": None}}
     DECODES = False
     NO_DECODE_REASON = ("it would need, at once, the hourglass's partial groups, the routed "
                         "blocks' counts and the sparse blocks' carried potentials")
