@@ -324,8 +324,11 @@ def note(message: str) -> None:
 
 def axis_variants(technique: Technique) -> dict[str, dict[str, Any]]:
     """The technique with each of its axes off (``Technique.axes``) by label, ``"combined
-    without depth"``: the knobs that switch that axis off (the others stay at their defaults)."""
-    return {axis_label(technique.name, axis): dict(off) for axis, off in technique.axes.items()}
+    without depth"``: the knobs that switch that axis off (the others stay at their defaults).
+    An axis its defaults already switch off has no variant: it would be the technique itself."""
+    defaults = technique.resolve()
+    return {axis_label(technique.name, axis): dict(off) for axis, off in technique.axes.items()
+            if any(defaults[knob] != value for knob, value in off.items())}
 
 
 def axis_label(name: str, axis: str) -> str:

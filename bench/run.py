@@ -13,7 +13,7 @@ from bench.baselines import make_record
 from bench.console import setup_title
 from bench.figures import speed_points, speed_quality
 from bench.files import dump_json, publish
-from bench.pipeline import Bench, Setup, axis_label
+from bench.pipeline import Bench, Setup, axis_label, axis_variants
 from bench.progress import Progress
 from bench.registry import REFERENCE, get, techniques
 from bench.rows import Row
@@ -52,15 +52,18 @@ def measure_all(bench: Bench, names: Iterable[str] | None = None, *,
 
 
 def measure_axes(bench: Bench, names: Iterable[str]) -> dict[str, dict[str, Row]]:
-    """Each technique that declares axes (``Technique.axes``) with each axis off in turn, by
-    technique and axis: against the technique with every axis on, what that axis contributes
-    in speed and in quality. No ceilings: these rows only explain the technique's row."""
+    """Each technique that declares axes (``Technique.axes``) with each axis its defaults switch
+    on switched off in turn (``axis_variants``), by technique and axis: against the technique
+    at its defaults, what that axis contributes in speed and in quality. No ceilings: these rows
+    only explain the technique's row."""
     measured = {}
     for name in names:
         technique = get(name)
-        if technique.axes:
-            measured[name] = {axis: bench.measure(technique, off, label=axis_label(name, axis))
-                              for axis, off in technique.axes.items()}
+        variants = axis_variants(technique)
+        if variants:
+            measured[name] = {axis: bench.measure(technique, off, label=label)
+                              for axis, off in technique.axes.items()
+                              if (label := axis_label(name, axis)) in variants}
     return measured
 
 

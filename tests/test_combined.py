@@ -20,10 +20,13 @@ from tests.strategies import TINY_4_LAYERS as CONFIG
 from tests.strategies import float64_model, random_tokens, seeds
 
 OFF = {"depth_capacity": None, "target_sparsity": None}
+ALL_ON = {"factor": 4, "depth_capacity": 0.5, "depth_routed": "alternate", "target_sparsity": 0.25}
 
 
 def models(**knobs):
-    combined = float64_model(0, CombinedLanguageModel, CONFIG, **knobs)
+    """The combined model with every axis on unless ``knobs`` say otherwise, and the multiscale
+    model of its hourglass with the same weights."""
+    combined = float64_model(0, CombinedLanguageModel, CONFIG, **{**ALL_ON, **knobs})
     multiscale = MultiScaleLanguageModel(CONFIG, factor=combined.factor,
                                          levels=combined.levels).double().eval()
     multiscale.load_state_dict(combined.state_dict(), strict=False)
@@ -174,9 +177,9 @@ def test_forcing_a_lower_keep_never_runs_more():
 def test_the_knobs_are_the_keyword_only_constructor_arguments():
     parameters = inspect.signature(CombinedLanguageModel).parameters
     declared = {k.name: k.default for k in CombinedLanguageModel.KNOBS}
-    assert declared == {"factor": 4, "levels": 1, "depth_capacity": 0.5,
-                        "depth_routed": "alternate", "router_loss_weight": 0.1,
-                        "target_sparsity": 0.25, "sparsity_weight": 1.0, "capacity": None}
+    assert declared == {"factor": 2, "levels": 1, "depth_capacity": 0.5,
+                        "depth_routed": "inner", "router_loss_weight": 0.1,
+                        "target_sparsity": None, "sparsity_weight": 1.0, "capacity": None}
     assert {name: p.default for name, p in parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY} == declared
     model = CombinedLanguageModel.from_knobs(CONFIG, {"factor": "2", "depth_capacity": "none"})

@@ -12,13 +12,14 @@ import torch
 
 from bench import baselines, pipeline, report
 from bench.cli import build_parser, main, setup_from
-from bench.pipeline import SCALE_SETTINGS, Bench, Setup
+from bench.pipeline import SCALE_SETTINGS, Bench, Setup, axis_variants
 from bench.progress import Progress
-from bench.registry import REFERENCE, techniques
+from bench.registry import REFERENCE, Technique, techniques
 from bench.rows import Row
 from bench.run import run
 from bk.data import load_corpus
 from bk.model import SCALES, ModelConfig
+from bk.technique import Knob
 from bk.train import TrainConfig, partial_checkpoint, train
 from tests.strategies import TINY_4_LAYERS
 
@@ -244,7 +245,24 @@ def test_every_phase_of_a_run_is_in_its_job_and_a_second_run_serves_every_model_
     assert rows["mod"].decisions == "learned" and rows["mod"].keep_uniform is not None
     axes = baselines.record_axes(results["record"])
     assert set(axes) == {"combined"}  # the one technique that declares axes
-    for axis, off in techniques()["combined"].axes.items():
+    combined = techniques()["combined"]
+    defaults = combined.resolve()
+    switched_on = {axis for axis, off in combined.axes.items()
+                   if any(defaults[k] != v for k, v in off.items())}
+    assert set(axes["combined"]) == switched_on and {"sequence", "depth"} <= switched_on
+    for axis in switched_on:
+        off = combined.axes[axis]
         assert axes["combined"][axis].technique == "combined"
         assert {k: axes["combined"][axis].knobs[k] for k in off} == off
     assert axes["combined"]["depth"].keep_uniform is None  # these rows explain, no ceilings
+
+
+def test_an_axis_is_measured_off_only_where_the_defaults_switch_it_on():
+    knobs = (Knob("width", int, 2, "on above 1", low=1), Knob("skip", float, None, "off: none",
+                                                              optional=True))
+    technique = Technique("composed", "two axes", build=lambda config, values: None,
+                          knobs=knobs, axes={"width": {"width": 1}, "skip": {"skip": None}})
+    assert axis_variants(technique) == {"composed without width": {"width": 1}}
+    assert set(axis_variants(techniques()["combined"])) == {
+        f"combined without {axis}" for axis, off in techniques()["combined"].axes.items()
+        if any(techniques()["combined"].resolve()[k] != v for k, v in off.items())}

@@ -44,7 +44,7 @@ DEPTH_CAPACITY = Knob("depth_capacity", float, 0.5,
                       "depth axis: fraction of each window's tokens that run a routed block "
                       "(none: no block is routed)", low=0.01, high=1.0, grid=(0.25, 0.5, 0.75),
                       search=(0.125, 1.0), optional=True)
-DEPTH_ROUTED = Knob("depth_routed", str, "alternate",
+DEPTH_ROUTED = Knob("depth_routed", str, "inner",
                     "routed blocks: 'alternate' (1, 3, 5, ...) or 'inner' (all but the first "
                     "and last)", choices=("alternate", "inner"), grid=("alternate", "inner"))
 ROUTER_LOSS_WEIGHT = Knob("router_loss_weight", float, 0.1,
@@ -62,10 +62,10 @@ class CombinedLanguageModel(DepthRouting, PositionSparsity, MultiScaleLanguageMo
     """
 
     KNOBS: ClassVar[tuple[Knob, ...]] = (
-        replace(FACTOR, default=4, grid=(2, 4)),
+        replace(FACTOR, default=2, grid=(2, 4)),
         replace(LEVELS, default=1, grid=(1, 2)),
         DEPTH_CAPACITY, DEPTH_ROUTED, ROUTER_LOSS_WEIGHT,
-        replace(TARGET_SPARSITY, default=0.25, grid=(0.1, 0.25, 0.5), search=(0.0, 0.9),
+        replace(TARGET_SPARSITY, default=None, grid=(0.1, 0.25, 0.5), search=(0.0, 0.9),
                 optional=True, help="positions axis: fraction of each position-sparse block's "
                                     "positions whose per-position work is skipped (none: the "
                                     "blocks that are not routed run dense)"),
@@ -81,9 +81,9 @@ class CombinedLanguageModel(DepthRouting, PositionSparsity, MultiScaleLanguageMo
     init_state = TechniqueModel.init_state  # both refuse (the hourglass alone could decode)
     step = TechniqueModel.step
 
-    def __init__(self, cfg: ModelConfig, *, factor: int = 4, levels: int = 1,
-                 depth_capacity: float | None = 0.5, depth_routed: str = "alternate",
-                 router_loss_weight: float = 0.1, target_sparsity: float | None = 0.25,
+    def __init__(self, cfg: ModelConfig, *, factor: int = 2, levels: int = 1,
+                 depth_capacity: float | None = 0.5, depth_routed: str = "inner",
+                 router_loss_weight: float = 0.1, target_sparsity: float | None = None,
                  sparsity_weight: float = 1.0, capacity: float | None = None) -> None:
         super().__init__(cfg, factor=factor, levels=levels)
         self.depth_capacity = self.knob("depth_capacity").parse(depth_capacity)
