@@ -394,7 +394,7 @@ def test_registered_technique_builds_the_act_model_from_its_knobs():
     knobs = {k.name: k for k in technique.knobs}
     assert knobs["act_threshold"].grid == (0.5, 0.8, 0.9, 0.95, 0.99)
     assert knobs["act_lambda"].grid == (0.001, 0.005, 0.01, 0.05, 0.1)
-    assert technique.defaults() == {"act_threshold": 0.99, "act_lambda": 0.01}
+    assert technique.defaults() == {"act_threshold": 0.99, "act_lambda": 0.07}
     model = technique.make(CFG, {"act_threshold": "0.8", "act_lambda": 0.05})
     assert isinstance(model, ACTLanguageModel)
     assert model.knob_values() == {"act_threshold": 0.8, "act_lambda": 0.05}

@@ -117,12 +117,12 @@ class ACTLanguageModel(TechniqueModel):
         Knob("act_threshold", float, 0.99, "halting threshold 1 - epsilon on the cumulative "
              "halting probability, in (0, 1]", low=0.0, high=1.0,
              grid=(0.5, 0.8, 0.9, 0.95, 0.99), search=(0.5, 0.999)),
-        Knob("act_lambda", float, 0.01, "weight of the mean ponder cost N + R in the loss",
+        Knob("act_lambda", float, 0.07, "weight of the mean ponder cost N + R in the loss",
              low=0.0, grid=(0.001, 0.005, 0.01, 0.05, 0.1), search=(1e-4, 0.2), log=True),
     )
 
     def __init__(self, cfg: ModelConfig, *, act_threshold: float = 0.99,
-                 act_lambda: float = 0.01) -> None:
+                 act_lambda: float = 0.07) -> None:
         super().__init__(cfg)
         knobs = self.resolve_knobs({"act_threshold": act_threshold, "act_lambda": act_lambda})
         if knobs["act_threshold"] == 0:
