@@ -85,6 +85,13 @@ def grid(header: Sequence[str], cells: Iterable[Sequence[str]], left: int = 1) -
             for r in rows]
 
 
+def wall_text(row: Row) -> str:
+    """The wall speedup with its interquartile range, ``1.20x (1.10-1.30)``."""
+    q1, q3 = number(row.get("wall_q1")), number(row.get("wall_q3"))
+    iqr = "" if q1 is None or q3 is None else f" ({ratio(q1)}-{ratio(q3)})"
+    return times(row.get("wall_speedup")) + iqr
+
+
 def table(rows: Sequence[Row], counts: Callable[[float | None], bool], budget: float,
           label: str = "technique") -> str:
     """The result table: one line per row, at most ``WIDTH`` columns.
@@ -96,8 +103,6 @@ def table(rows: Sequence[Row], counts: Callable[[float | None], bool], budget: f
               "ppl delta", "in budget?"]
     cells = []
     for row in rows:
-        q1, q3 = number(row.get("wall_q1")), number(row.get("wall_q3"))
-        iqr = "" if q1 is None or q3 is None else f" ({ratio(q1)}-{ratio(q3)})"
         s = spread(row)
         noise = ("n/a" if s is None else f"{s:.0%}" if abs(s) < 10 else
                  ">999%" if s > 0 else "<-999%") + (" NOISY" if noisy(row) else "")
@@ -105,7 +110,7 @@ def table(rows: Sequence[Row], counts: Callable[[float | None], bool], budget: f
         verdict = "n/a" if delta is None else ("yes" if counts(delta) else "no")
         work = number(row.get("work_ratio"))
         ideal = None if work is None or work <= 0 else 1 / work
-        cells.append([clip(row.get(label, "?"), NAME_WIDTH), times(row.get("wall_speedup")) + iqr,
+        cells.append([clip(row.get(label, "?"), NAME_WIDTH), wall_text(row),
                       noise, times(row.get("ceiling_uniform")), times(ideal), percent(delta),
                       verdict])
     return "\n".join(grid(header, cells))
@@ -149,13 +154,11 @@ def axes_table(record: Mapping[str, Any]) -> str:
                   "the axis: speed", "the axis: ppl"]
         cells = []
         for axis, row in by_axis.items():
-            q1, q3 = number(row.get("wall_q1")), number(row.get("wall_q3"))
-            iqr = "" if q1 is None or q3 is None else f" ({ratio(q1)}-{ratio(q3)})"
             speed, off = number(full.get("wall_speedup")), number(row.get("wall_speedup"))
             delta, off_delta = number(full.get("quality_delta")), number(row.get("quality_delta"))
             cost = (None if delta is None or off_delta is None else
                     f"{100 * (delta - off_delta):+.1f} points")
-            cells.append([clip(axis, NAME_WIDTH), times(off) + iqr, percent(off_delta),
+            cells.append([clip(axis, NAME_WIDTH), wall_text(row), percent(off_delta),
                           times(None if speed is None or not off else speed / off),
                           cost or "n/a"])
         parts.append("\n".join(grid(header, cells)))

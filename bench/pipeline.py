@@ -323,11 +323,11 @@ def note(message: str) -> None:
 # ----------------------------------------------------------------------------- the bench
 
 def axis_variants(technique: Technique) -> dict[str, dict[str, Any]]:
-    """The technique with each of its axes off (``Technique.axes``) by label, ``"combined
-    without depth"``: the knobs that switch that axis off (the others stay at their defaults).
-    An axis its defaults already switch off has no variant: it would be the technique itself."""
+    """The axes (``Technique.axes``) its defaults switch on, each with the knobs that switch it
+    off (the others stay at their defaults). An axis the defaults already switch off has no
+    variant: it would be the technique itself."""
     defaults = technique.resolve()
-    return {axis_label(technique.name, axis): dict(off) for axis, off in technique.axes.items()
+    return {axis: dict(off) for axis, off in technique.axes.items()
             if any(defaults[knob] != value for knob, value in off.items())}
 
 
@@ -422,8 +422,8 @@ class Bench:
         evaluations, tail = [REFERENCE], []
         measured = [(name, None, name) for name in names]
         if axes:
-            measured += [(name, knobs, label) for name in names
-                         for label, knobs in axis_variants(get(name)).items()]
+            measured += [(name, knobs, axis_label(name, axis)) for name in names
+                         for axis, knobs in axis_variants(get(name)).items()]
         for name, knobs, label in measured:
             technique = get(name)
             reference = self.reference_name(technique)

@@ -61,9 +61,8 @@ def measure_axes(bench: Bench, names: Iterable[str]) -> dict[str, dict[str, Row]
         technique = get(name)
         variants = axis_variants(technique)
         if variants:
-            measured[name] = {axis: bench.measure(technique, off, label=label)
-                              for axis, off in technique.axes.items()
-                              if (label := axis_label(name, axis)) in variants}
+            measured[name] = {axis: bench.measure(technique, off, label=axis_label(name, axis))
+                              for axis, off in variants.items()}
     return measured
 
 
