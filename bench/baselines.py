@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from bench import measure
 from bench.files import dump_json, read_json, write_new
 from bench.rows import Row, RowError
 
@@ -105,7 +106,7 @@ def machine() -> dict[str, Any]:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": 1}
+            "torch_threads": 1, "freed_memory_kept": measure.freed_memory_kept}
 
 
 def cumulative_source(names: Iterable[str], counts: Callable[[str], bool],
@@ -304,7 +305,7 @@ def history(root: Path = BASELINES, scale: str | None = None) -> list[dict[str, 
     return [rec for _, rec in records(root) if scale is None or record_scale(rec) == scale]
 
 
-COMPARED_MACHINE = ("cpu", "cores", "torch", "torch_threads")
+COMPARED_MACHINE = ("cpu", "cores", "torch", "torch_threads", "freed_memory_kept")
 
 
 def setup_differences(rec: Mapping[str, Any], setup: Mapping[str, Any],

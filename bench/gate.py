@@ -29,7 +29,7 @@ import torch
 
 from bench.baselines import Target, cumulative_source
 from bench.files import dump_json, read_json, write_atomic
-from bench.measure import Call, Clock, Speedup, paired_speedup
+from bench.measure import Call, Clock, Speedup, keep_freed_memory, paired_speedup
 from bench.pipeline import Bench, Setup
 from bench.registry import REFERENCE, techniques
 from bk.train import evaluate
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     BENCHMARK --result FILE`` (one benchmark's process; writes its per-round ratios
     ``t_dense / t_candidate`` to FILE)."""
     torch.set_num_threads(1)
+    keep_freed_memory()
     parser = argparse.ArgumentParser(prog="python -m bench.gate")
     parser.add_argument("action", choices=["train", "measure"])
     parser.add_argument("folder")

@@ -9,7 +9,9 @@ so only ratios are trusted.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import platform
 import statistics
 import time
 import timeit
@@ -28,6 +30,32 @@ from bk.technique import KnobValue
 from bk.train import evaluate, torch_threads
 
 NOISE_LIMIT = 0.10  # relative interquartile range above which a speedup is flagged as noisy
+
+# mallopt(3) parameters of glibc, and the largest mmap threshold it accepts on 64-bit systems
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20
+_TRIM_NEVER = 2**31 - 1
+freed_memory_kept = False  # whether keep_freed_memory() is in force in this process
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for the next allocation instead of returning it
+    to the system; True if it is in force (False where the C library is not glibc).
+
+    By default glibc serves a large block from freshly mapped pages and trims the top of its
+    heap once enough is free at the end, so a forward that allocates and frees tensors of a
+    few hundred kilobytes faults every page of them in again, call after call: system time
+    that every model pays in proportion to its temporaries, and whose price moves with the
+    machine's state (docs/timing.md has the figures). Here blocks up to 32 MiB come from the
+    heap and the heap is never trimmed, so a process's memory stays at its peak. It is set for
+    the whole process, the reference and the candidates alike, before anything is timed.
+    """
+    global freed_memory_kept
+    if not freed_memory_kept and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(None)
+        freed_memory_kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+                                 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER))
+    return freed_memory_kept
 
 
 @dataclass(frozen=True)

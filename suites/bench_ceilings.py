@@ -17,8 +17,6 @@ from bench.rows import PATTERNS
 from bk.model import ModelConfig
 from bk.technique import Forcing
 
-torch.set_num_threads(1)
-
 KEEP = 0.5
 MEASURED_SCALES = ["small", "base"]
 BATCHES, BATCH_SIZE, PASSES = 2, 16, 2  # under ~15 s per benchmark at base on this machine kind

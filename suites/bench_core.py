@@ -17,8 +17,6 @@ from bench import reference_kernel
 from bench.measure import paired_speedup
 from bk.core import resolvent_diag, resolvent_diag_loop
 
-torch.set_num_threads(1)
-
 BATCH = 8
 SIZES = [256, 1024, 4096, 16384]
 _INPUTS: dict[tuple, tuple] = {}

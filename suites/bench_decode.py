@@ -12,8 +12,6 @@ from bk.decode import decode
 from bk.maxent_ts import LogLikelihoodReward, MaxEntTS, SearchConfig
 from bk.model import LanguageModel, ModelConfig
 
-torch.set_num_threads(1)
-
 PROMPT_LENGTH = 16
 SEARCH_TOKENS = 16
 _MODELS: dict[int, LanguageModel] = {}

@@ -10,8 +10,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bk.model import LanguageModel, ModelConfig
 
-torch.set_num_threads(1)
-
 VOCAB = 80
 SHAPES = {scale: ModelConfig.at_scale(scale, vocab_size=VOCAB) for scale in ("tiny", "small")}
 PARTS = ("experts", "dispatch", "router", "bk_path", "rest")

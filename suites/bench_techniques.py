@@ -13,13 +13,9 @@ import inspect
 import os
 from pathlib import Path
 
-import torch
-
 from bench import gate
 from bench.baselines import Target
 from bench.registry import REFERENCE, techniques
-
-torch.set_num_threads(1)
 
 # asv runs this file from the working tree and the installed package from the commit measured,
 # so the settings are read here, beside the suite: both commits are measured alike.

@@ -15,6 +15,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from bench.measure import keep_freed_memory
+
 settings.register_profile("dev", deadline=None, max_examples=40,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("ci", deadline=None, max_examples=50, database=None,
@@ -23,6 +25,7 @@ PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "dev")
 settings.load_profile(PROFILE)
 
 torch.set_num_threads(1)
+keep_freed_memory()  # as every bk-bench process does: records made here compare alike
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = pytest.StashKey[str]()  # what the seed is and where it came from

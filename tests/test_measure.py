@@ -1,7 +1,11 @@
 """The timing harness gives the right figures: exact speedups on a fake clock, the direction of
 every ratio (reference first), and the A/A row timing the dense model against itself."""
 
+import os
+import platform
 import statistics
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -182,3 +186,39 @@ def test_counted_flops_include_the_experts_however_their_products_run():
         grouped = count_flops(lambda: model.float()(x))  # float32: one grouped product
     experts = 2 * 2 * TINY.d_model * TINY.d_expert * x.numel() * TINY.n_layers  # up and down
     assert grouped == per_expert >= experts
+
+
+_FAULTS_PER_FORWARD = """
+import resource, sys, torch
+from bench.measure import keep_freed_memory
+from bk.model import LanguageModel, ModelConfig
+torch.set_num_threads(1)
+kept = sys.argv[1] == "kept" and keep_freed_memory()
+torch.manual_seed(0)
+net, idx = LanguageModel(ModelConfig()).eval(), torch.randint(0, 128, (32, 128))
+faults = []
+with torch.no_grad():
+    for _ in range(12):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        net(idx)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, *faults[4:])
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the policy is glibc's mallopt")
+def test_with_freed_memory_kept_a_warm_dense_forward_faults_no_page_in_again():
+    """The default allocator faults pages of the forward's temporaries in again and again
+    (thousands over eight tiny forwards here); with the policy, a warm forward reuses its
+    memory (a block of new pages now and then as the heap settles: the median is ~0)."""
+    def faults(policy: str) -> tuple[str, list[int]]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS_PER_FORWARD, policy], check=True,
+                             capture_output=True, text=True, env={**os.environ,
+                                                                  "OMP_NUM_THREADS": "1"})
+        kept, *counts = out.stdout.split()
+        return kept, [int(c) for c in counts]
+
+    kept, counts = faults("kept")
+    assert kept == "True" and statistics.median(counts) <= 10, counts
+    kept, counts = faults("default")
+    assert kept == "False" and sum(counts) > 1000, counts
