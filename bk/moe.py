@@ -45,6 +45,9 @@ class Expert(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+StackedWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # see stacked_weights
+
+
 @dataclass
 class Routing:
     """A routing decision for a flat set of tokens: expert index and gate weight per token."""
@@ -137,11 +140,30 @@ def _padded_width(d: int) -> int:
     return (d + 4) // 4 * 4
 
 
+def _gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty(order.shape[0], _padded_width(x.shape[1]))
+    _gather(_array(x), _array(order), out.numpy())
+    return out
+
+
+def _combine_rows(y, gate, bias, slot, expert, residual, mixed) -> torch.Tensor:
+    if residual is None:
+        out, residual = y.new_empty(y.shape), y.new_empty(0, 0)
+    else:
+        out = mixed  # of any shape with rows (T, d) in memory, filled in place
+    _combine(_array(y), _array(gate), _array(bias), _array(slot), _array(expert),
+             _array(residual), out.numpy().reshape(y.shape))
+    return out
+
+
+# Autograd functions around the kernels; without gradients the kernels run without them (an
+# autograd function's call costs as much as a kernel on a thousand rows).
+
+
 class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, order):
-        out = x.new_empty(order.shape[0], _padded_width(x.shape[1]))
-        _gather(_array(x), _array(order), out.numpy())
+        out = _gather_rows(x, order)
         ctx.save_for_backward(order)
         ctx.shape = x.shape
         return out
@@ -157,14 +179,10 @@ class _GatherRows(torch.autograd.Function):
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, gate, bias, order, slot, expert, residual, mixed):
-        if residual is None:
-            out, residual = y.new_empty(y.shape), y.new_empty(0, 0)
-        else:
-            out = mixed  # of any shape with rows (T, d) in memory, filled in place
+        if residual is not None:
             ctx.mark_dirty(mixed)
             ctx.residual_shape = residual.shape
-        _combine(_array(y), _array(gate), _array(bias), _array(slot), _array(expert),
-                 _array(residual), out.numpy().reshape(y.shape))
+        out = _combine_rows(y, gate, bias, slot, expert, residual, mixed)
         ctx.save_for_backward(y, gate, bias, order, expert)
         return out
 
@@ -205,7 +223,7 @@ class MoEFeedForward(nn.Module):
         self.n_experts = n_experts
         self.router = nn.Linear(d_model, n_experts)
         self.experts = nn.ModuleList(Expert(d_model, d_hidden) for _ in range(n_experts))
-        self._stacked: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
+        self._stacked: tuple[tuple, StackedWeights] | None = None
 
     def route(self, x: torch.Tensor) -> Routing:
         logits = torch.addmm(self.router.bias[:, None], self.router.weight, x.mT)
@@ -233,9 +251,11 @@ class MoEFeedForward(nn.Module):
 
     def gather(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
         """The tokens ``x`` ``(T, d)`` in sorted order, as the experts' input (see module doc)."""
-        return _GatherRows.apply(x, groups.order)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _GatherRows.apply(x, groups.order)
+        return _gather_rows(x, groups.order)
 
-    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def stacked_weights(self) -> StackedWeights:
         """The experts' weights as grouped products take them: up ``(E, d + 1 + pad, H)`` for
         the gathered rows ``[x, 1, 0, ...]`` (bias included), down ``(E, H, d)``, down biases
         ``(E, d)``.
@@ -247,12 +267,13 @@ class MoEFeedForward(nn.Module):
         """
         if torch.is_grad_enabled():
             return self._stack_weights()
-        key = tuple((p.data_ptr(), p._version) for p in self.experts.parameters())
+        key = tuple((p.data_ptr(), p._version) for e in self.experts
+                    for p in (e.up.weight, e.up.bias, e.down.weight, e.down.bias))
         if self._stacked is None or self._stacked[0] != key:
             self._stacked = (key, self._stack_weights())
         return self._stacked[1]
 
-    def _stack_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stack_weights(self) -> StackedWeights:
         hidden_width, d = self.experts[0].up.weight.shape
         weight = self.experts[0].up.weight
         zeros = weight.new_zeros(hidden_width, _padded_width(d) - d - 1)
@@ -262,33 +283,40 @@ class MoEFeedForward(nn.Module):
         down = torch.stack([e.down.weight for e in self.experts]).mT
         return up, down, torch.stack([e.down.bias for e in self.experts])
 
-    def expert_outputs(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
-        """Each expert on its block of the gathered tokens; ungated, without the down bias."""
-        up, down, _ = self.stacked_weights()
+    def expert_outputs(self, x: torch.Tensor, groups: ExpertGroups, *,
+                       weights: StackedWeights | None = None) -> torch.Tensor:
+        """Each expert on its block of the gathered tokens; ungated, without the down bias.
+        ``weights``: ``stacked_weights()`` if the caller has them."""
+        up, down, _ = weights or self.stacked_weights()
         hidden = grouped_mm(x, up, groups.offsets)
         # in place unless autograd records it: a (T, d_hidden) buffer less to allocate
         hidden = F.gelu(hidden) if hidden.requires_grad else torch._C._nn.gelu_(hidden)
         return grouped_mm(hidden, down, groups.offsets)
 
     def combine(self, y: torch.Tensor, groups: ExpertGroups,
-                residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                residual: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                weights: StackedWeights | None = None) -> torch.Tensor:
         """The gated expert outputs ``f`` ``(T, d)`` in token order, from ``y`` (sorted rows,
         see ``expert_outputs``) and the down bias; with ``residual = (x, m)``, ``x + f + m``
         (exactly as torch sums it), in the same pass and in place of ``m``."""
-        _, _, down_bias = self.stacked_weights()
+        _, _, down_bias = weights or self.stacked_weights()
         x, m = residual or (None, None)
         if m is not None and (m._is_view() or not m.is_contiguous()):
             m = m.clone(memory_format=torch.contiguous_format)  # written in place below
-        return _Combine.apply(y, groups.gate, down_bias, groups.order, groups.slot, groups.expert,
-                              x, m)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (y, groups.gate, down_bias, x, m)):
+            return _Combine.apply(y, groups.gate, down_bias, groups.order, groups.slot,
+                                  groups.expert, x, m)
+        return _combine_rows(y, groups.gate, down_bias, groups.slot, groups.expert, x, m)
 
     def dispatch(self, x: torch.Tensor, routing: Routing,
                  residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Run each expert only on the tokens routed to it; gated outputs ``f`` in token order,
         or ``x + f + m`` for ``residual = (x, m)`` (see ``combine``)."""
         groups = self.group(routing)
-        return self.combine(self.expert_outputs(self.gather(x, groups), groups), groups,
-                            residual)
+        weights = self.stacked_weights()  # once: checking the kept copies costs ~20 us
+        y = self.expert_outputs(self.gather(x, groups), groups, weights=weights)
+        return self.combine(y, groups, residual, weights=weights)
 
     def balance_loss(self, routing: Routing, valid: torch.Tensor | None = None) -> torch.Tensor:
         """The switch loss over the tokens, or over the tokens where ``valid`` ``(T,)`` bool is

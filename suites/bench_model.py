@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bk.model import LanguageModel, ModelConfig
+from bk.moe import MoEFeedForward
 
 VOCAB = 80
 SHAPES = {scale: ModelConfig.at_scale(scale, vocab_size=VOCAB) for scale in ("tiny", "small")}
@@ -98,7 +99,8 @@ def aten_ops(net: LanguageModel, idx: torch.Tensor) -> tuple[int, int]:
     return counter.count, counter.computing
 
 
-def instrument(net: LanguageModel, clock: dict[str, float]) -> None:
+def instrument(net: LanguageModel, clock: dict[str, float],
+               timer: Callable[[], float] = time.thread_time) -> None:
     """Time the methods that make up each part, on this model object only: each wrapped call
     adds its own time, less that of wrapped calls inside it, to ``clock[part]``. Times are CPU
     seconds of this thread (all of a one-thread forward runs on it), so that time the process
@@ -110,11 +112,11 @@ def instrument(net: LanguageModel, clock: dict[str, float]) -> None:
 
         def timed(*args, **kwargs):
             inner.append(0.0)
-            start = time.thread_time()
+            start = timer()
             try:
                 return method(*args, **kwargs)
             finally:
-                elapsed = time.thread_time() - start
+                elapsed = timer() - start
                 clock[part] += elapsed - inner.pop()
                 if inner:
                     inner[-1] += elapsed
@@ -123,31 +125,54 @@ def instrument(net: LanguageModel, clock: dict[str, float]) -> None:
 
     for block in net.blocks:
         moe = block.moe
+        unfuse_residual_sum(moe)
         wrap(moe, "route", "router")
-        for name in ("group", "gather", "combine"):  # combine: gate, down bias, residual sum
+        for name in ("group", "gather", "gated_outputs"):
             wrap(moe, name, "dispatch")
         wrap(moe, "expert_outputs", "experts")
-        wrap(block.potential, "forward", "bk_path")
+        for module in (block.potential, block.readout):
+            wrap(module, "forward", "bk_path")
         wrap(block, "resolvent", "bk_path")
-        wrap(block, "mix", "bk_path")
+
+
+def unfuse_residual_sum(moe: MoEFeedForward) -> None:
+    """Make ``moe.combine(y, groups, (x, m))`` two calls: ``moe.gated_outputs``, the gated
+    expert outputs ``f`` in token order (the dispatch's part of the combine), then ``x + f + m``
+    summed by torch, which a dense feed-forward pays too (the anatomy leaves it to "rest"). The
+    result is the same bit for bit (floating-point sums commute); the fused pass that the
+    model runs costs less than the two together."""
+    moe.gated_outputs = moe.combine
+
+    def combine(y, groups, residual=None, *, weights=None):
+        f = moe.gated_outputs(y, groups, weights=weights)
+        return f if residual is None else residual[0] + f + residual[1]
+
+    moe.combine = combine
 
 
 def part_shares(shape: str, repeats: int = 15) -> dict[str, float]:
     """Median share (percent) of each part in instrumented no-grad forwards of 32 x 128 tokens
-    (thread CPU time, see ``instrument``); "rest" is what no part claims (norms, embedding,
-    head, checks, reshapes)."""
-    net, idx = shaped_model(shape), tokens(32, 128)
+    of the dense model of ``shape`` (see ``anatomy``)."""
+    return anatomy(shaped_model(shape), tokens(32, 128), repeats)
+
+
+def anatomy(net: LanguageModel, idx: torch.Tensor, repeats: int,
+            timer: Callable[[], float] = time.thread_time) -> dict[str, float]:
+    """Median share (percent) of each part in ``repeats`` instrumented no-grad forwards of
+    ``idx`` (``timer``: thread CPU time, see ``instrument``); "rest" is what no part claims
+    (norms, embedding, head, residual sums, checks, reshapes). The instrumented forward must
+    give the model's logits exactly."""
     with torch.no_grad():
         expected = net(idx).logits
         clock = dict.fromkeys(PARTS, 0.0)
-        instrument(net, clock)
+        instrument(net, clock, timer)
         torch.testing.assert_close(net(idx).logits, expected, rtol=0, atol=0)
         shares: dict[str, list[float]] = {part: [] for part in PARTS}
         for _ in range(repeats):
             clock.update(dict.fromkeys(PARTS, 0.0))
-            start = time.thread_time()
+            start = timer()
             net(idx)
-            total = time.thread_time() - start
+            total = timer() - start
             clock["rest"] += total - sum(clock.values())
             for part in PARTS:
                 shares[part].append(100 * clock[part] / total)

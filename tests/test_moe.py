@@ -59,7 +59,13 @@ def tolerance(dtype: torch.dtype) -> dict:
 def test_dispatch_and_its_gradients_equal_the_float64_masked_dense_reference(case):
     moe, x, expert, gate = case
     x, gate = x.requires_grad_(), gate.requires_grad_()
-    out = moe.dispatch(x, Routing(expert=expert, gate=gate, probs=x.new_empty(0, 0)))
+    routing = Routing(expert=expert, gate=gate, probs=x.new_empty(0, 0))
+    out = moe.dispatch(x, routing)
+    with torch.no_grad():  # the kernels without their autograd functions: the same values
+        torch.testing.assert_close(moe.dispatch(x, routing), out, rtol=0, atol=0)
+        m = torch.randn_like(x)
+        torch.testing.assert_close(moe.dispatch(x, routing, (x, m.clone())), x + out + m,
+                                   rtol=0, atol=0)
     weights = torch.randn(out.shape, dtype=torch.float64)
     (out.double() * weights).sum().backward()
 
