@@ -105,13 +105,19 @@ def _to_columns(x, y, out):
 
 @njit(**_JIT)
 def _complex_to_columns(x, re, im):
-    """re[i, p Q + q] + i im[i, p Q + q] = x[p, i, q], in float64."""
+    """re[i, p Q + q] + i im[i, p Q + q] = x[p, i, q], in float64 (in tiles, see Layout)."""
     p_, m, q_ = x.shape
-    for p in range(p_):
-        for q in range(q_):
-            for i in range(m):
-                v = x[p, i, q]
-                re[i, p * q_ + q], im[i, p * q_ + q] = v.real, v.imag
+    for i0 in range(0, m, _TILE):
+        for p in range(p_):
+            if q_ == 1 and m - i0 >= _TILE:
+                for t in range(_TILE):
+                    v = x[p, i0 + t, 0]
+                    re[i0 + t, p], im[i0 + t, p] = v.real, v.imag
+            else:
+                for t in range(min(_TILE, m - i0)):
+                    for q in range(q_):
+                        v = x[p, i0 + t, q]
+                        re[i0 + t, p * q_ + q], im[i0 + t, p * q_ + q] = v.real, v.imag
 
 
 @njit(**_JIT)
