@@ -458,12 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser([command] if command in PLUGINS else []).parse_args(argv)
-    import torch
 
-    from bench.measure import keep_freed_memory
+    from bench.measure import timing_process
 
-    torch.set_num_threads(1)  # timing is single-threaded everywhere (two threads: ~10x noisier)
-    keep_freed_memory()
+    timing_process()
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:

@@ -25,11 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from bench.baselines import Target, cumulative_source
 from bench.files import dump_json, read_json, write_atomic
-from bench.measure import Call, Clock, Speedup, keep_freed_memory, paired_speedup
+from bench.measure import Call, Clock, Speedup, paired_speedup, timing_process
 from bench.pipeline import Bench, Setup
 from bench.registry import REFERENCE, techniques
 from bk.train import evaluate
@@ -184,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     """One process of the gate: ``train FOLDER`` (asv's ``setup_cache``), or ``measure FOLDER
     BENCHMARK --result FILE`` (one benchmark's process; writes its per-round ratios
     ``t_dense / t_candidate`` to FILE)."""
-    torch.set_num_threads(1)
-    keep_freed_memory()
+    timing_process()
     parser = argparse.ArgumentParser(prog="python -m bench.gate")
     parser.add_argument("action", choices=["train", "measure"])
     parser.add_argument("folder")

@@ -58,6 +58,14 @@ def keep_freed_memory() -> bool:
     return freed_memory_kept
 
 
+def timing_process() -> None:
+    """Set this process up as every bk-bench process that times is set up: one torch thread
+    (two threads on two cores were ~10x noisier) and freed memory kept by the allocator
+    (``keep_freed_memory``)."""
+    torch.set_num_threads(1)
+    keep_freed_memory()
+
+
 @dataclass(frozen=True)
 class Speedup:
     """Median of per-round ``t_ref / t_cand`` and its interquartile range."""

@@ -1,13 +1,10 @@
-"""asv benchmarks of bk-bench. Every benchmark process times on one torch thread (two threads
-on two cores were ~10x noisier) with freed memory kept by the allocator
-(``bench.measure.keep_freed_memory``)."""
+"""asv benchmarks of bk-bench. Every benchmark process is set up as every bk-bench process that
+times (``bench.measure.timing_process``: one torch thread, freed memory kept by the allocator)."""
 
 import torch
 
 from bench import measure
 
-torch.set_num_threads(1)
 # asv imports this package from the working tree and ``bench`` from the commit measured; a
-# commit from before the allocator policy is measured with the C library's default.
-if hasattr(measure, "keep_freed_memory"):
-    measure.keep_freed_memory()
+# commit from before ``timing_process`` is measured on one thread with the allocator's default.
+getattr(measure, "timing_process", lambda: torch.set_num_threads(1))()

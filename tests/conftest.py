@@ -12,10 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings
 
-from bench.measure import keep_freed_memory
+from bench.measure import timing_process
 
 settings.register_profile("dev", deadline=None, max_examples=40,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -24,8 +23,7 @@ settings.register_profile("ci", deadline=None, max_examples=50, database=None,
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "dev")
 settings.load_profile(PROFILE)
 
-torch.set_num_threads(1)
-keep_freed_memory()  # as every bk-bench process does: records made here compare alike
+timing_process()  # as every bk-bench process: records made here compare alike
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = pytest.StashKey[str]()  # what the seed is and where it came from
