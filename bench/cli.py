@@ -113,6 +113,17 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A finite number in [0, 1)."""
     try:
@@ -152,6 +163,10 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=positive_int, default=32)
     group.add_argument("--seq-len", type=positive_int, default=128)
     group.add_argument("--seed", type=nonnegative_int, default=0)
+    group.add_argument("--finetune", type=positive_float, metavar="FACTOR",
+                       help="multiplies every technique's fine-tuning steps (its fraction of the "
+                            "dense steps; default: the scale's factor, 1 at tiny, 2/3 at small); "
+                            "the dense control trains as many steps")
     group.add_argument("--distill", type=nonnegative_float, default=0.0,
                        help="weight of the distillation term KL(dense || technique) while a "
                             "technique fine-tunes (default 0: none; the dense control never "
@@ -172,6 +187,8 @@ def setup_from(args: argparse.Namespace) -> Setup:
         chosen["steps"] = args.steps
     if args.rounds is not None:
         chosen["rounds"] = args.rounds
+    if args.finetune is not None:
+        chosen["finetune_factor"] = args.finetune
     return (Setup.quick if args.quick else Setup.at_scale)(args.scale, **chosen)
 
 

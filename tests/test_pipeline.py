@@ -12,7 +12,7 @@ import torch
 
 from bench import baselines, pipeline, report
 from bench.cli import build_parser, main, setup_from
-from bench.pipeline import SCALE_SETTINGS, Bench, Setup, axis_variants
+from bench.pipeline import CONTROL, SCALE_SETTINGS, Bench, Setup, axis_variants
 from bench.progress import Progress
 from bench.registry import REFERENCE, Technique, techniques
 from bench.rows import Row
@@ -54,6 +54,21 @@ def test_every_model_building_command_takes_a_scale_with_its_defaults(command):
     assert setup() == Setup() == Setup.at_scale("tiny")  # tiny unless told otherwise
     assert setup("--quick").scale == "tiny" and setup("--quick") == Setup.quick()
     assert setup("--quick", "--scale", "small") == Setup.quick("small")
+    assert setup("--scale", "small", "--finetune", "2") == Setup.at_scale("small",
+                                                                          finetune_factor=2.0)
+
+
+def test_the_finetune_factor_multiplies_the_techniques_steps_and_the_controls_alike(tmp_path):
+    setup = small_setup(tmp_path, scale="small", steps=10, finetune_factor=2.0)
+    bench = Bench(setup, load_corpus("synthetic"), target=TARGET)
+    act = techniques()["act"]
+    assert bench.finetune_steps(act) == 6  # 10 steps x fraction 0.3 x 2
+    technique_plan, _ = bench._plan_of("act", act)
+    control_plan, _ = bench._plan_of(CONTROL, act)
+    assert technique_plan.train_config.steps == control_plan.train_config.steps == 6
+    for bad in ("0", "-1", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["measure", "act", "--finetune", bad])
 
 
 @pytest.mark.parametrize("command", [["decode"], ["routing-stats"], ["ceilings"]])
