@@ -6,6 +6,7 @@ ceiling) runs no decision code.
 """
 
 import inspect
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,14 +22,16 @@ from tests.strategies import float64_model, random_tokens, seeds
 
 OFF = {"depth_capacity": None, "target_sparsity": None}
 ALL_ON = {"factor": 4, "depth_capacity": 0.5, "depth_routed": "alternate", "target_sparsity": 0.25}
+HOURGLASSES = [(CONFIG, {}), (CONFIG, {"factor": 2, "levels": 2}),
+               (replace(CONFIG, n_layers=5), {"factor": 2, "levels": 2, "rise": "mirror"})]
 
 
-def models(**knobs):
+def models(config=CONFIG, **knobs):
     """The combined model with every axis on unless ``knobs`` say otherwise, and the multiscale
     model of its hourglass with the same weights."""
-    combined = float64_model(0, CombinedLanguageModel, CONFIG, **{**ALL_ON, **knobs})
-    multiscale = MultiScaleLanguageModel(CONFIG, factor=combined.factor,
-                                         levels=combined.levels).double().eval()
+    combined = float64_model(0, CombinedLanguageModel, config, **{**ALL_ON, **knobs})
+    multiscale = MultiScaleLanguageModel(config, factor=combined.factor, levels=combined.levels,
+                                         rise=combined.rise).double().eval()
     multiscale.load_state_dict(combined.state_dict(), strict=False)
     return combined, multiscale
 
@@ -96,10 +99,12 @@ def test_the_routed_blocks_have_routers_and_the_others_predictors():
 
 
 @given(n=st.integers(2, 16), cut=st.integers(1, 15), capacity=st.sampled_from([None, 0.25]),
-       routed=st.sampled_from(["alternate", "inner"]), seed=seeds)
-def test_a_position_never_sees_a_later_token(n, cut, capacity, routed, seed):
+       routed=st.sampled_from(["alternate", "inner"]), hourglass=st.sampled_from(HOURGLASSES),
+       seed=seeds)
+def test_a_position_never_sees_a_later_token(n, cut, capacity, routed, hourglass, seed):
     cut = min(cut, n - 1)
-    combined, _ = models(capacity=capacity, depth_routed=routed)
+    config, knobs = hourglass
+    combined, _ = models(config, capacity=capacity, depth_routed=routed, **knobs)
     randomise_decisions(combined, seed)
     x = random_tokens(seed, 2, n)
     y = x.clone()
@@ -177,7 +182,7 @@ def test_forcing_a_lower_keep_never_runs_more():
 def test_the_knobs_are_the_keyword_only_constructor_arguments():
     parameters = inspect.signature(CombinedLanguageModel).parameters
     declared = {k.name: k.default for k in CombinedLanguageModel.KNOBS}
-    assert declared == {"factor": 2, "levels": 1, "depth_capacity": 0.5,
+    assert declared == {"factor": 2, "levels": 1, "rise": "last", "depth_capacity": 0.5,
                         "depth_routed": "inner", "router_loss_weight": 0.1,
                         "target_sparsity": None, "sparsity_weight": 1.0, "capacity": None}
     assert {name: p.default for name, p in parameters.items()
@@ -187,7 +192,7 @@ def test_the_knobs_are_the_keyword_only_constructor_arguments():
 
 
 @pytest.mark.parametrize(("knob", "value"), [
-    ("factor", 2.5), ("levels", 3), ("target_sparsity", float("nan")),
+    ("factor", 2.5), ("levels", 3), ("rise", "down"), ("target_sparsity", float("nan")),
     ("depth_capacity", 0.0), ("depth_routed", "every"), ("router_loss_weight", -1.0),
     ("sparsity_weight", -1.0), ("capacity", 0.0)])
 def test_bad_knob_values_raise_errors_naming_the_knob(knob, value):

@@ -1,6 +1,7 @@
 """Properties of the multi-scale (hourglass) ResNet-BK model."""
 
 import inspect
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,13 +20,18 @@ from bk.technique import Forcing, KnobError
 from tests.strategies import TINY_4_LAYERS as CFG
 from tests.strategies import decode, float64_model, random_tokens, seeds
 
+MIRROR_CFG = replace(CFG, n_layers=5)  # rise="mirror" with levels=2 needs 2 * 2 + 1 blocks
+rises = st.sampled_from(["last", "mirror"])
 
-def models(factor: int, levels: int, seed: int, *, perturb: bool = True
+
+def models(factor: int, levels: int, seed: int, rise: str = "last", *, perturb: bool = True
            ) -> tuple[LanguageModel, MultiScaleLanguageModel]:
     """A float64 dense model and a multi-scale model with its weights (and, with ``perturb``,
-    non-trivial pooling weights and gains)."""
-    dense = float64_model(seed, config=CFG)
-    multi = MultiScaleLanguageModel(CFG, factor=factor, levels=levels).double().eval()
+    non-trivial pooling weights and gains); 4 blocks with ``rise="last"``, 5 with ``"mirror"``."""
+    config = CFG if rise == "last" else MIRROR_CFG
+    dense = float64_model(seed, config=config)
+    multi = MultiScaleLanguageModel(config, factor=factor, levels=levels,
+                                    rise=rise).double().eval()
     multi.load_state_dict(dense.state_dict(), strict=False)
     if perturb:
         with torch.no_grad():
@@ -80,18 +86,18 @@ def test_unpool_rejects_a_length_its_groups_do_not_tile():
 
 
 @given(batch=st.integers(1, 2), length=st.integers(1, 24), factor=st.integers(1, 3),
-       levels=st.integers(0, 2), seed=seeds)
-def test_logits_have_the_input_shape_for_every_length(batch, length, factor, levels, seed):
-    _, multi = models(factor, levels, seed)
+       levels=st.integers(0, 2), rise=rises, seed=seeds)
+def test_logits_have_the_input_shape_for_every_length(batch, length, factor, levels, rise, seed):
+    _, multi = models(factor, levels, seed, rise)
     out = multi(random_tokens(seed, batch, length))
     assert out.logits.shape == (batch, length, CFG.vocab_size)
     assert bool(torch.isfinite(out.logits).all())
 
 
 @given(length=st.integers(2, 24), factor=st.integers(1, 4), levels=st.integers(1, 2),
-       data=st.data(), seed=seeds)
-def test_no_position_sees_a_later_token(length, factor, levels, data, seed):
-    _, multi = models(factor, levels, seed)
+       rise=rises, data=st.data(), seed=seeds)
+def test_no_position_sees_a_later_token(length, factor, levels, rise, data, seed):
+    _, multi = models(factor, levels, seed, rise)
     cut = data.draw(st.integers(0, length - 2), label="last unperturbed position")
     idx = random_tokens(seed, 2, length)
     changed = idx.clone()
@@ -116,9 +122,9 @@ def test_the_coarse_update_reaches_the_full_resolution_stream():
     assert not torch.allclose(without[:, 1:], with_coarse[:, 1:])
 
 
-@given(length=st.integers(1, 24), levels=st.integers(1, 2), seed=seeds)
-def test_factor_one_reproduces_the_dense_model(length, levels, seed):
-    dense, multi = models(1, levels, seed, perturb=False)
+@given(length=st.integers(1, 24), levels=st.integers(1, 2), rise=rises, seed=seeds)
+def test_factor_one_reproduces_the_dense_model(length, levels, rise, seed):
+    dense, multi = models(1, levels, seed, rise, perturb=False)
     with torch.no_grad():
         for w in multi.pool_weights:
             w.add_(torch.randn_like(w))  # a single-position softmax is 1 whatever its logit
@@ -136,9 +142,11 @@ def test_zero_levels_reproduce_the_dense_model_exactly(length, factor, seed):
     assert torch.equal(multi(idx).logits, dense(idx).logits)
 
 
-@given(length=st.integers(1, 40), factor=st.integers(2, 4), levels=st.integers(1, 2))
-def test_blocks_run_on_the_reduced_lengths_and_the_work_counts_them(length, factor, levels):
-    _, multi = models(factor, levels, 0)
+@given(length=st.integers(1, 40), factor=st.integers(2, 4), levels=st.integers(1, 2),
+       rise=rises)
+def test_blocks_run_on_the_reduced_lengths_and_the_work_counts_them(length, factor, levels,
+                                                                     rise):
+    _, multi = models(factor, levels, 0, rise)
     seen = []
     hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
              for b in multi.blocks]
@@ -160,6 +168,13 @@ def test_default_hierarchy_is_full_half_quarter_full():
     assert block_levels(4, 1) == (0, 1, 1, 0)
     assert block_levels(6, 2) == (0, 1, 2, 2, 2, 0)
     assert block_levels(1, 0) == (0,)
+
+
+def test_a_mirrored_hourglass_comes_back_up_one_level_per_block():
+    assert block_levels(8, 2, "mirror") == (0, 1, 2, 2, 2, 2, 1, 0)
+    assert block_levels(5, 2, "mirror") == (0, 1, 2, 1, 0)
+    assert block_levels(8, 1, "mirror") == block_levels(8, 1) == (0, 1, 1, 1, 1, 1, 1, 0)
+    assert block_levels(3, 0, "mirror") == (0, 0, 0)
 
 
 def test_dense_weights_load_under_the_same_names():
@@ -186,6 +201,8 @@ def test_gradient_reaches_the_pooling_weights_and_the_gains():
     ({"factor": "two"}, "knob factor"), ({"factor": float("nan")}, "knob factor"),
     ({"factor": True}, "knob factor"), ({"levels": -1}, "knob levels"),
     ({"levels": 1.5}, "knob levels"), ({"levels": 3}, "knob levels: levels=3 needs at least"),
+    ({"rise": "up"}, "knob rise"),
+    ({"levels": 2, "rise": "mirror"}, "knob rise: 'mirror' with levels=2 needs at least"),
 ])
 def test_bad_factor_or_levels_raise_errors_naming_the_knob(knobs, message):
     with pytest.raises(KnobError, match=message):
@@ -197,11 +214,11 @@ def test_bad_factor_or_levels_raise_errors_naming_the_knob(knobs, message):
 def test_the_knobs_are_the_keyword_only_constructor_arguments():
     parameters = inspect.signature(MultiScaleLanguageModel).parameters
     declared = {k.name: k.default for k in MultiScaleLanguageModel.KNOBS}
-    assert declared == {"factor": 2, "levels": 1}
+    assert declared == {"factor": 2, "levels": 1, "rise": "last"}
     assert {name: p.default for name, p in parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY} == declared
     model = MultiScaleLanguageModel.from_knobs(CFG, {"factor": "4", "levels": 1.0})
-    assert model.knob_values() == {"factor": 4, "levels": 1}
+    assert model.knob_values() == {"factor": 4, "levels": 1, "rise": "last"}
     assert isinstance(model.levels, int) and model.block_level == (0, 1, 1, 0)
 
 
@@ -217,9 +234,10 @@ def test_only_training_adds_the_balance_term():
 
 
 @given(batch=st.integers(1, 3), length=st.integers(1, 24), factor=st.integers(1, 4),
-       levels=st.integers(0, 2), seed=seeds)
-def test_step_by_step_decoding_equals_the_forward_pass(batch, length, factor, levels, seed):
-    _, multi = models(factor, levels, seed)
+       levels=st.integers(0, 2), rise=rises, seed=seeds)
+def test_step_by_step_decoding_equals_the_forward_pass(batch, length, factor, levels, rise,
+                                                       seed):
+    _, multi = models(factor, levels, seed, rise)
     idx = random_tokens(seed, batch, length)
     with torch.no_grad():
         expected = multi(idx).logits

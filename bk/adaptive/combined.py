@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from bk.adaptive.depth import DepthRouting, routed_layers
-from bk.adaptive.multiscale import FACTOR, LEVELS, MultiScaleLanguageModel
+from bk.adaptive.multiscale import FACTOR, LEVELS, RISE, MultiScaleLanguageModel
 from bk.adaptive.sparsity import CAPACITY, SPARSITY_WEIGHT, TARGET_SPARSITY, PositionSparsity
 from bk.model import ModelConfig, ModelOutput
 from bk.technique import Forcing, Knob, KnobError, TechniqueModel
@@ -63,7 +63,7 @@ class CombinedLanguageModel(DepthRouting, PositionSparsity, MultiScaleLanguageMo
 
     KNOBS: ClassVar[tuple[Knob, ...]] = (
         replace(FACTOR, default=2, grid=(2, 4)),
-        replace(LEVELS, default=1, grid=(1, 2)),
+        replace(LEVELS, default=1, grid=(1, 2)), RISE,
         DEPTH_CAPACITY, DEPTH_ROUTED, ROUTER_LOSS_WEIGHT,
         replace(TARGET_SPARSITY, default=None, grid=(0.1, 0.25, 0.5), search=(0.0, 0.9),
                 optional=True, help="positions axis: fraction of each position-sparse block's "
@@ -82,10 +82,11 @@ class CombinedLanguageModel(DepthRouting, PositionSparsity, MultiScaleLanguageMo
     step = TechniqueModel.step
 
     def __init__(self, cfg: ModelConfig, *, factor: int = 2, levels: int = 1,
-                 depth_capacity: float | None = 0.5, depth_routed: str = "inner",
-                 router_loss_weight: float = 0.1, target_sparsity: float | None = None,
+                 rise: str = "last", depth_capacity: float | None = 0.5,
+                 depth_routed: str = "inner", router_loss_weight: float = 0.1,
+                 target_sparsity: float | None = None,
                  sparsity_weight: float = 1.0, capacity: float | None = None) -> None:
-        super().__init__(cfg, factor=factor, levels=levels)
+        super().__init__(cfg, factor=factor, levels=levels, rise=rise)
         self.depth_capacity = self.knob("depth_capacity").parse(depth_capacity)
         self.depth_routed = self.knob("depth_routed").parse(depth_routed)
         self.router_loss_weight = self.knob("router_loss_weight").parse(router_loss_weight)

@@ -2,10 +2,12 @@
 
 The stack is an hourglass over the dense model's blocks (causal Hourglass, Nawrot et al. 2022,
 "Hierarchical Transformers Are More Efficient Language Models"; Funnel, Dai et al. 2020).
-Block ``i`` runs at level ``l_i``, i.e. on ``N_l = floor(N / k^l)`` positions, with
-``l_i = min(i, levels)`` for every block but the last, which runs at full resolution. With
-``levels=2`` and 4 blocks it is ``N -> N/2 -> N/4 -> (N/2 merge) -> N``: block 0 at N, block 1
-at N/2, block 2 at N/4, block 3 at N after up-sampling. The default, ``factor=2, levels=1``,
+Block ``i`` runs at level ``l_i``, i.e. on ``N_l = floor(N / k^l)`` positions. With ``rise``
+``last`` (the default), ``l_i = min(i, levels)`` for every block but the last, which runs at full
+resolution: with ``levels=2`` and 4 blocks it is ``N -> N/2 -> N/4 -> (N/2 merge) -> N``, block 0
+at N, block 1 at N/2, block 2 at N/4, block 3 at N after up-sampling. With ``rise`` ``mirror``
+the stack comes back up one level per block as it went down, ``l_i = min(i, levels, n-1-i)``:
+with ``levels=2`` and 6 blocks, N, N/2, N/4, N/4, N/2, N. The default, ``factor=2, levels=1``,
 runs every block but the first and the last at N/2 (at ``small``, with distillation, +4% test
 perplexity where ``levels=2`` cost +8%).
 
@@ -47,6 +49,9 @@ FACTOR = Knob("factor", int, 2, "pooling factor k between consecutive levels", l
               grid=(2, 4), search=(2, 8))
 LEVELS = Knob("levels", int, 1, "number of down-sampling levels; needs n_layers >= levels + 2",
               low=0, grid=(1, 2), search=(1, 2))
+RISE = Knob("rise", str, "last", "the way back to full resolution: 'last' (the last block alone "
+            "runs at N) or 'mirror' (one level per block, as on the way down; needs n_layers "
+            ">= 2 levels + 1)", choices=("last", "mirror"), grid=("last", "mirror"))
 
 # Runs block ``index`` on ``x`` at its resolution: (new x, its weighted auxiliary training terms,
 # rows whose per-token work ran).
@@ -54,14 +59,22 @@ BlockRunner = Callable[[int, nn.Module, torch.Tensor],
                        tuple[torch.Tensor, dict[str, torch.Tensor], int]]
 
 
-def block_levels(n_layers: int, levels: int) -> tuple[int, ...]:
-    """Resolution level of each block: ``min(i, levels)``, the last block at full resolution."""
+def block_levels(n_layers: int, levels: int, rise: str = "last") -> tuple[int, ...]:
+    """Resolution level of each block: ``min(i, levels)`` with the last block at full resolution
+    (``rise="last"``), or ``min(i, levels, n_layers - 1 - i)`` (``rise="mirror"``)."""
     if levels < 0:
         raise KnobError(f"knob levels: expected an integer >= 0, got {levels}")
     if levels > 0 and levels > n_layers - 2:
         raise KnobError(f"knob levels: levels={levels} needs at least levels + 2 = {levels + 2} "
                         f"blocks (one full-resolution block on each side); the model has "
                         f"{n_layers}")
+    if rise == "mirror":
+        if n_layers < 2 * levels + 1:
+            raise KnobError(f"knob rise: 'mirror' with levels={levels} needs at least 2 levels "
+                            f"+ 1 = {2 * levels + 1} blocks; the model has {n_layers}")
+        return tuple(min(i, levels, n_layers - 1 - i) for i in range(n_layers))
+    if rise != "last":
+        raise KnobError(f"knob rise: expected 'last' or 'mirror', got {rise!r}")
     return tuple(min(i, levels) for i in range(n_layers - 1)) + (0,)
 
 
@@ -107,13 +120,15 @@ class MultiScaleLanguageModel(TechniqueModel):
     """The dense model's blocks (same names, ``blocks.{i}``) on an hourglass of resolutions;
     block ``i`` runs at level ``block_level[i]``. It makes no decisions (``forced`` is None)."""
 
-    KNOBS = (FACTOR, LEVELS)
+    KNOBS = (FACTOR, LEVELS, RISE)
 
-    def __init__(self, cfg: ModelConfig, *, factor: int = 2, levels: int = 1) -> None:
+    def __init__(self, cfg: ModelConfig, *, factor: int = 2, levels: int = 1,
+                 rise: str = "last") -> None:
         super().__init__(cfg)
         self.factor = self.knob("factor").parse(factor)
         self.levels = self.knob("levels").parse(levels)
-        self.block_level = block_levels(cfg.n_layers, self.levels)
+        self.rise = self.knob("rise").parse(rise)
+        self.block_level = block_levels(cfg.n_layers, self.levels, self.rise)
         depth = max(self.block_level)
         # Zero logits: mean pooling; unit gains: the coarse update passed on unchanged.
         self.pool_weights = nn.ParameterList(
