@@ -276,6 +276,7 @@ class _Worker:
 
     def objective(self, trial: optuna.Trial) -> float:
         from bench.rows import RowError
+        from bk.technique import KnobError
         from bk.train import TrainingDiverged
 
         s = self.s
@@ -294,7 +295,8 @@ class _Worker:
                 raise optuna.TrialPruned(f"grid point already taken by trial {twin.number}")
         try:
             c = self.measure(s.technique, knobs)
-        except (TrainingDiverged, RowError) as err:  # diverged, or a non-finite figure
+        # diverged, a non-finite figure, or knob values that contradict each other or the model
+        except (TrainingDiverged, RowError, KnobError) as err:
             trial.set_user_attr("error", str(err))
             raise MeasurementError(str(err)) from err
         trial.set_user_attr("figures", figures(c))

@@ -31,6 +31,7 @@ from bench.cli import build_parser
 from bench.pipeline import Bench
 from bench.registry import get
 from bench.rows import Row
+from bk.technique import KnobError
 from bk.train import TrainingDiverged
 
 THRESHOLDS = [0.5, 0.8, 0.95]
@@ -187,6 +188,21 @@ def test_a_diverged_trial_is_recorded_as_failed_with_its_reason_and_never_rerun(
     assert len(trials) == len(GRID)
     best = load(tmp_path, "best_config.json")
     assert (best["knobs"]["act_threshold"], best["knobs"]["act_lambda"]) != best_feasible(BUDGET)
+
+
+def test_a_grid_point_whose_knobs_contradict_each_other_is_a_failed_trial_saying_why(
+        monkeypatch, tmp_path):
+    def contradicting(self, technique, knobs):
+        if (knobs["act_threshold"], knobs["act_lambda"]) == best_feasible(BUDGET):
+            raise KnobError("knob act_lambda: this value does not fit that threshold")
+        return fake_measure(self, technique, knobs)
+
+    monkeypatch.setattr(Bench, "measure", contradicting)
+    assert run_cli(tune_argv(tmp_path, "--max-degradation", str(BUDGET))) == 0
+    trials = load(tmp_path, "optimization_results.json")["trials"]
+    [failed] = [t for t in trials if t["state"] == "FAIL"]
+    assert "knob act_lambda: this value does not fit" in failed["error"]
+    assert len(trials) == len(GRID) and not failed["feasible"]
 
 
 def test_all_output_files_are_written_and_parseable(grid_run):
