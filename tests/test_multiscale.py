@@ -214,7 +214,7 @@ def test_bad_factor_or_levels_raise_errors_naming_the_knob(knobs, message):
 def test_the_knobs_are_the_keyword_only_constructor_arguments():
     parameters = inspect.signature(MultiScaleLanguageModel).parameters
     declared = {k.name: k.default for k in MultiScaleLanguageModel.KNOBS}
-    assert declared == {"factor": 2, "levels": 1, "rise": "last"}
+    assert declared == {"factor": 2, "levels": 2, "rise": "last"}
     assert {name: p.default for name, p in parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY} == declared
     model = MultiScaleLanguageModel.from_knobs(CFG, {"factor": "4", "levels": 1.0})
