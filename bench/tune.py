@@ -520,7 +520,8 @@ def write_outputs(out: Path, study: optuna.Study, settings: Settings, setup: Set
             {"technique": settings.technique.name, "feasible": True, "trial": best["number"],
              "knobs": best["knobs"], "score_metric": settings.metric, "score": best["value"],
              "figures": best["figures"], "max_degradation": settings.max_degradation,
-             "finetune_fraction": settings.technique.finetune_fraction}),
+             "finetune_fraction": settings.technique.finetune_fraction,
+             "finetune_factor": setup.finetune_factor}),
         "optimization_summary.txt": summary_text(settings, records, best, front),
     }
     if any(r["state"] == "COMPLETE" for r in records):
@@ -563,9 +564,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--score-metric", choices=sorted(SCORES), default="speedup",
                        help="speedup (default): maximise wall speedup; perplexity, layers, "
                             "balanced: minimise (see docs/tuning.md); all within the budget")
-    group.add_argument("--epochs", type=float, default=1.0,
-                       help="multiplies each trial's fine-tuning steps (finetune_fraction x "
-                            "dense steps); default 1")
     group.add_argument("--validate", type=Path, metavar="BEST_CONFIG_JSON",
                        help="re-measure this configuration and write validation_results.json")
     group = parser.add_argument_group("shared study")
@@ -601,8 +599,6 @@ def _settings(args: argparse.Namespace, technique: Technique) -> Settings:
     if not math.isfinite(args.max_degradation) or args.max_degradation < 0:
         raise ValueError(f"--max-degradation must be a finite number >= 0, got "
                          f"{args.max_degradation}")
-    if not math.isfinite(args.epochs) or args.epochs <= 0:
-        raise ValueError(f"--epochs must be a finite number > 0, got {args.epochs}")
     explicit = explicit_values(args, technique)
     if args.method == "grid":
         space = grid_space(technique, explicit, args.n_points)
@@ -612,9 +608,7 @@ def _settings(args: argparse.Namespace, technique: Technique) -> Settings:
         target = math.prod(len(v) for v in space.values())
     else:
         space, target = {}, args.n_calls
-    scaled = dataclasses.replace(technique,
-                                 finetune_fraction=technique.finetune_fraction * args.epochs)
-    return Settings(scaled, args.method, args.sampler, args.score_metric, args.max_degradation,
+    return Settings(technique, args.method, args.sampler, args.score_metric, args.max_degradation,
                     explicit, space, target)
 
 
@@ -687,7 +681,7 @@ def run(args: argparse.Namespace) -> int:
     setup = setup_from(args)
     out = setup.output
     if args.validate is not None:
-        return validate(args.validate, technique, setup, out, args.epochs)
+        return validate(args.validate, technique, setup, out)
     settings = _settings(args, technique)
     out.mkdir(parents=True, exist_ok=True)
     storage_url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
@@ -706,12 +700,11 @@ def run(args: argparse.Namespace) -> int:
     return 0 if best is not None else 1
 
 
-def validate(path: Path, technique: Technique, setup: Setup, out: Path,
-             epochs: float = 1.0) -> int:
+def validate(path: Path, technique: Technique, setup: Setup, out: Path) -> int:
     """Re-measure a best_config.json on the test split; write validation_results.json.
 
-    The fine-tuning length is the one recorded with the configuration (its
-    ``finetune_fraction``), else ``epochs`` times the technique's."""
+    The configuration fine-tunes as long as it did when it was tuned: its recorded
+    ``finetune_fraction`` and ``finetune_factor`` replace the technique's and the setup's."""
     from bench.pipeline import Bench
 
     chosen = read_json(path)
@@ -722,15 +715,18 @@ def validate(path: Path, technique: Technique, setup: Setup, out: Path,
         raise ValueError(f"{path} is for technique {chosen.get('technique')!r}, not "
                          f"{technique.name!r}")
     budget = float(chosen.get("max_degradation", 0.01))
-    fraction = float(chosen.get("finetune_fraction", technique.finetune_fraction * epochs))
+    fraction = float(chosen.get("finetune_fraction", technique.finetune_fraction))
     technique = dataclasses.replace(technique, finetune_fraction=fraction)
+    setup = dataclasses.replace(setup, finetune_factor=float(
+        chosen.get("finetune_factor", setup.finetune_factor)))
     c = Bench(setup).measure(technique, chosen["knobs"])
     measured = figures(c)
     delta = c.quality_delta
     feasible = delta is not None and math.isfinite(delta) and delta <= budget
     write_atomic(out / "validation_results.json", dump_json({
         "technique": technique.name, "knobs": chosen["knobs"], "source": str(path),
-        "max_degradation": budget, "finetune_fraction": fraction, "feasible": feasible,
+        "max_degradation": budget, "finetune_fraction": fraction,
+        "finetune_steps": setup.finetune_steps(technique), "feasible": feasible,
         "figures": measured,
         "tuned_figures": chosen.get("figures"), "setup": setup.describe(),
         "written": datetime.now(UTC).isoformat(timespec="seconds")}))

@@ -410,6 +410,17 @@ def test_validate_writes_validation_results_for_the_best_config(faked, grid_run,
         oracle(best["knobs"]["act_threshold"], best["knobs"]["act_lambda"])[0])
 
 
+def test_a_validation_fine_tunes_as_long_as_the_tuning_did(faked, tmp_path):
+    tuned, out = tmp_path / "tuned", tmp_path / "validation"
+    assert run_cli(tune_argv(tuned, "--steps", "100", "--finetune", "3",
+                             "--max-degradation", "1")) == 0
+    steps = load(tuned, "optimization_metadata.json")["finetune_steps"]
+    assert steps == round(100 * get("act").finetune_fraction * 3)
+    assert run_cli(["tune", "act", "--validate", str(tuned / "best_config.json"), "--corpus",
+                    "synthetic", "--steps", "100", "--no-progress", "--output", str(out)]) == 0
+    assert load(out, "validation_results.json")["finetune_steps"] == steps
+
+
 @pytest.mark.parametrize("url", ["nonsense://x", "sqlite:////nonexistent/folder/study.db"])
 def test_a_storage_that_cannot_be_opened_is_a_clear_error(faked, tmp_path, monkeypatch, url):
     monkeypatch.setattr(tune.time, "sleep", lambda seconds: None)  # no waits between retries
