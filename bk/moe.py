@@ -17,7 +17,8 @@ Dispatch, for T tokens of width d:
 4. combine: ``into[token] += gate * (y + down bias)`` for every sorted row, in one pass.
 
 Steps 1, 2 and 4 are numba kernels (one pass each instead of 3-6 torch operations and their
-temporaries); 2 and 4 are autograd functions whose backward passes are plain torch.
+temporaries); 2 and 4 are autograd functions whose backward passes are plain torch. Without
+gradients the router's maximum over the experts is a kernel too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 _JIT = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
+_FLOATS = (torch.float32, torch.float64)
 
 
 class Expert(nn.Module):
@@ -73,6 +75,21 @@ class ExpertGroups:
 # --------------------------------------------------------------------------------------------
 # Kernels (C-contiguous arrays)
 # --------------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _top(probs, gate, expert):
+    """For each token (column of ``probs`` (E, T)), the largest probability and its expert, the
+    first of equal ones, as ``probs.max(dim=0)`` gives them (a NaN is the largest). Expert by
+    expert over contiguous rows, so that the comparisons run in SIMD lanes."""
+    for t in range(probs.shape[1]):
+        gate[t], expert[t] = probs[0, t], 0
+    for e in range(1, probs.shape[0]):
+        for t in range(probs.shape[1]):
+            v, top = probs[e, t], gate[t]
+            take = top == top and (v > top or v != v)
+            gate[t] = v if take else top
+            expert[t] = e if take else expert[t]
 
 
 @njit(**_JIT)
@@ -234,7 +251,12 @@ class MoEFeedForward(nn.Module):
         over the leading axis, across contiguous rows of T (over a trailing axis of a few
         experts they are ~10x slower)."""
         probs = torch.softmax(logits, dim=0)
-        gate, expert = probs.max(dim=0)
+        if (torch.is_grad_enabled() and probs.requires_grad) or probs.dtype not in _FLOATS:
+            gate, expert = probs.max(dim=0)
+        else:  # torch's maximum over a short leading axis costs twice the softmax
+            gate = probs.new_empty(probs.shape[1])
+            expert = torch.empty(probs.shape[1], dtype=torch.int64)
+            _top(_array(probs), gate.numpy(), expert.numpy())
         return Routing(expert=expert, gate=gate, probs=probs.mT)
 
     def group(self, routing: Routing) -> ExpertGroups:
@@ -267,8 +289,10 @@ class MoEFeedForward(nn.Module):
         """
         if torch.is_grad_enabled():
             return self._stack_weights()
-        key = tuple((p.data_ptr(), p._version) for e in self.experts
-                    for p in (e.up.weight, e.up.bias, e.down.weight, e.down.bias))
+        # the parameters the modules hold now (up weight and bias, down weight and bias), read
+        # from their dictionaries: nn.Module attribute lookups were most of this check's cost
+        key = tuple((p.data_ptr(), p._version) for e in self.experts._modules.values()
+                    for layer in e._modules.values() for p in layer._parameters.values())
         if self._stacked is None or self._stacked[0] != key:
             self._stacked = (key, self._stack_weights())
         return self._stacked[1]

@@ -124,6 +124,26 @@ def test_route_is_the_softmax_argmax_and_its_maximum(tokens, n_experts, seed):
     torch.testing.assert_close(routing.gate, probs.max(dim=-1).values, rtol=1e-12, atol=1e-12)
 
 
+@given(st.integers(0, 30), st.integers(1, 5), st.sampled_from([torch.float32, torch.float64]),
+       st.data())
+def test_without_autograd_the_routing_is_the_routing_autograd_sees(tokens, n_experts, dtype,
+                                                                   data):
+    """The no-grad path takes the maximum in a kernel of its own: the same gate and expert as
+    torch's ``max``, bit for bit, also where experts tie (the first wins) and where a logit is
+    NaN (the NaN's expert, its gate NaN: nothing hides it)."""
+    values = st.sampled_from([-1.0, 0.0, 0.5, 2.0, float("nan")]) | st.floats(-5, 5)
+    logits = torch.tensor(data.draw(st.lists(values, min_size=n_experts * tokens,
+                                             max_size=n_experts * tokens)),
+                          dtype=dtype).view(n_experts, tokens)
+    moe = MoEFeedForward(4, 4, n_experts).to(dtype)
+    with torch.no_grad():
+        fast = moe.route_logits(logits)
+    slow = moe.route_logits(logits.clone().requires_grad_())
+    assert torch.equal(fast.expert, slow.expert)
+    torch.testing.assert_close(fast.gate, slow.gate.detach(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(fast.probs, slow.probs.detach(), rtol=0, atol=0, equal_nan=True)
+
+
 # -- the router learns from the task loss through the gate -----------------------------------
 
 
