@@ -16,6 +16,7 @@ from torch import nn
 
 from bench import calibrate as calibration
 from bench import gate
+from bench.baselines import Target
 from bench.calibrate import Measurement, choose, gate_false_alarms, score
 from bench.cli import main
 from bench.measure import Speedup, Workload
@@ -65,6 +66,32 @@ def test_the_gate_rule_is_asv_continuous_rule_for_a_single_valued_benchmark(pare
     # is better (lower) than HEAD's by the factor; one value per commit gives no statistics.
     assert gate.regressed(parent, head, factor) == _is_result_better(parent, head, None, None,
                                                                      factor)
+
+
+@pytest.mark.parametrize(("deltas", "speeds", "source"), [
+    ({"combined": 0.04, "a": 0.0}, {"combined": 1.5, "a": 3.0}, "combined"),
+    ({"combined": 0.06, "a": 0.01, "b": 0.0}, {"combined": 4.0, "a": 2.0, "b": 1.5}, "a"),
+    ({"combined": 0.5, "a": 0.01}, {"combined": 4.0, "a": 0.9}, "dense"),
+])
+def test_the_gated_cumulative_times_the_records_source_and_each_technique_once(
+        monkeypatch, deltas, speeds, source):
+    """The combined model within budget, else the fastest technique within budget if faster
+    than dense, else dense against itself: the benchmark's figure is that source's speed."""
+    monkeypatch.setattr(gate, "techniques", lambda: ["dense", *deltas])
+    monkeypatch.setattr(gate, "evaluate", lambda model, corpus, max_batches: SimpleNamespace(
+        perplexity=1.0 + deltas.get(model, 0.0)))
+    b = SimpleNamespace(setup=SimpleNamespace(quality_batches=2), corpus=None,
+                        target=Target(10.0, 0.05, 0.1, 0.1), candidate=lambda name: name,
+                        reference=lambda name: "dense")
+    timed = []
+
+    def measure(name: str) -> Speedup:
+        timed.append(name)
+        return Speedup((speeds.get(name, 1.0),), 1.0, 1.0)
+
+    speed = gate.measure_cumulative(b, passes=1, measure=measure)
+    assert speed.speedup == speeds.get(source, 1.0) and source in timed
+    assert len(timed) == len(set(timed))
 
 
 def test_a_measurements_ratio_after_fewer_passes_is_that_of_its_first_passes():

@@ -15,7 +15,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bench import pipeline
-from bench.measure import Speedup, Workload, compare, count_flops, paired_speedup
+from bench.measure import Speedup, Workload, compare, count_flops, paired_speedup, speed_figures
 from bench.pipeline import Bench, Setup
 from bench.rows import Row
 from bench.run import measure_all
@@ -29,6 +29,13 @@ def test_speedup_is_the_median_of_per_round_ratios_with_its_quartiles():
     assert s.speedup == 3.0 and s.q1 == 2.0 and s.q3 == 4.0 and s.rounds == 5
     assert s.warning is not None and "noisy" in s.warning
     assert Speedup((1.0, 1.01, 0.99), 1.0, 1.0).warning is None
+
+
+def test_a_speedup_is_noisy_exactly_when_its_relative_spread_passes_ten_percent():
+    """Spreads of 9% and 11% either side of the limit: the flag, and the spread it names."""
+    quiet, noisy = Speedup((0.91, 1.0, 1.09), 1.0, 1.0), Speedup((0.89, 1.0, 1.11), 1.0, 1.0)
+    assert quiet.spread == pytest.approx(0.09) and quiet.warning is None
+    assert noisy.spread == pytest.approx(0.11) and "spread 11% of the median" in noisy.warning
 
 
 def test_a_reference_three_times_as_slow_as_the_candidate_is_a_speedup_of_exactly_three():
@@ -126,6 +133,13 @@ def test_workload_pairs_time_the_reference_first_argument_batch_by_batch():
     s = workload.paired(slow, fast, passes=3, clock=clock)
     assert s.rounds == 6 and s.ratios == (3.0,) * 6 and s.speedup == 3.0
     assert workload.paired(fast, slow, passes=1, clock=clock).speedup == 1 / 3
+
+
+def test_a_rows_wall_figures_are_the_speedups_median_its_quartiles_in_order_and_its_times():
+    s = Speedup((1.0, 2.0, 4.0, 3.0, 5.0), t_reference=0.3, t_candidate=0.1)
+    assert speed_figures(s) == {"wall_speedup": 3.0, "wall_q1": 2.0, "wall_q3": 4.0,
+                                "rounds": 5, "noise_warning": s.warning, "t_reference_s": 0.3,
+                                "t_candidate_s": 0.1}
 
 
 def test_compare_reports_every_figure_of_the_candidate_against_the_reference():
