@@ -31,6 +31,7 @@ gradients (grad_u = conj(f'(u)) * grad_w, real part for the real inputs a, b, c)
 from __future__ import annotations
 
 import cmath
+import functools
 import math
 import threading
 from typing import NamedTuple
@@ -51,84 +52,82 @@ _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 # is contiguous (one recursion alone is latency-bound). Inputs and outputs are read and written
 # in place as (P, M, Q) arrays over M = N (or N-1) positions, row p*Q + q: a (rows, N) batch is
 # (rows, N, 1); the model's potentials, stored (B, N, C) and passed as the transposed view
-# (B, C, N), are (B, N, C). The copies between the two layouts go in tiles of 8 positions (a
-# constant trip count the compiler unrolls; longer strides of a power-of-two size would map
-# every row to the same few cache sets).
+# (B, C, N), are (B, N, C). The copies between the two layouts go in tiles of 8 positions
+# (longer strides of a power-of-two size would map every row to the same few cache sets). Their
+# innermost loop runs over the Q rows stored side by side, a few channels: a trip count known
+# only at run time costs it about twice the time, so the kernels take Q as the length of a tuple
+# (`width`), a constant of each compiled kernel, for the counts in _WIDTHS (one compilation per
+# count), and read it from the array's shape otherwise (width None).
 #
 # A forward workspace `cols` (4 or 8, N, rows) holds the columns of a, b*c and the result (re,
 # im), and for the full diagonal also (1) (re, im) and (2) (re, im); the backward pass reads it.
 # --------------------------------------------------------------------------------------------
 
 _TILE = 8
+_WIDTHS = {q: (0,) * q for q in (1, 2, 4, 8, 16)}
 _A, _BC, _GR, _GI, _LR, _LI, _RR, _RI = range(8)
 
 
 @njit(inline="always")
-def _tile_to_columns(x, y, i0, m, out):
-    """out[t, p Q + q] = x[p, i0 + t, q] (times y[p, i0 + t, q] unless y is None) for t < m,
-    in float64. Q = 1 is a loop of its own: a runtime inner loop of one iteration is slow."""
-    p_, _, q_ = x.shape
-    for p in range(p_):
-        if q_ == 1 and m == _TILE:
-            for t in range(_TILE):
-                v = np.float64(x[p, i0 + t, 0])
-                out[t, p] = v if y is None else v * np.float64(y[p, i0 + t, 0])
-        else:
-            for t in range(m):
-                for q in range(q_):
-                    v = np.float64(x[p, i0 + t, q])
-                    out[t, p * q_ + q] = v if y is None else v * np.float64(y[p, i0 + t, q])
+def _width(x, width):
+    """Q of a (P, M, Q) array: len(width), a compile-time constant, unless width is None."""
+    if width is None:  # an `if`, not a conditional expression: numba prunes only the former
+        return x.shape[2]
+    return len(width)
 
 
 @njit(inline="always")
-def _tile_from_columns(re, im, i0, m, out):
-    """out[p, i0 + t, q] = re[t, p Q + q] (+ i im[t, p Q + q] unless im is None) for t < m."""
-    p_, _, q_ = out.shape
+def _tile_to_columns(x, y, i0, m, out, width):
+    """out[t, p Q + q] = x[p, i0 + t, q] (times y[p, i0 + t, q] unless y is None) for t < m,
+    in float64."""
+    p_, q_ = x.shape[0], _width(x, width)
     for p in range(p_):
-        if q_ == 1 and m == _TILE:
-            for t in range(_TILE):
-                out[p, i0 + t, 0] = re[t, p] if im is None else complex(re[t, p], im[t, p])
-        else:
-            for t in range(m):
-                for q in range(q_):
-                    r = p * q_ + q
-                    out[p, i0 + t, q] = re[t, r] if im is None else complex(re[t, r], im[t, r])
+        for t in range(m):
+            for q in range(q_):
+                v = np.float64(x[p, i0 + t, q])
+                out[t, p * q_ + q] = v if y is None else v * np.float64(y[p, i0 + t, q])
+
+
+@njit(inline="always")
+def _tile_from_columns(re, im, i0, m, out, width):
+    """out[p, i0 + t, q] = re[t, p Q + q] (+ i im[t, p Q + q] unless im is None) for t < m."""
+    p_, q_ = out.shape[0], _width(out, width)
+    for p in range(p_):
+        for t in range(m):
+            for q in range(q_):
+                r = p * q_ + q
+                out[p, i0 + t, q] = re[t, r] if im is None else complex(re[t, r], im[t, r])
 
 
 @njit(**_JIT)
-def _to_columns(x, y, out):
+def _to_columns(x, y, out, width):
     """out[i, p Q + q] = x[p, i, q] (times y[p, i, q] unless y is None), in float64."""
     m = x.shape[1]
     for i0 in range(0, m, _TILE):
-        _tile_to_columns(x, y, i0, min(_TILE, m - i0), out[i0:])
+        _tile_to_columns(x, y, i0, min(_TILE, m - i0), out[i0:], width)
 
 
 @njit(**_JIT)
-def _complex_to_columns(x, re, im):
+def _complex_to_columns(x, re, im, width):
     """re[i, p Q + q] + i im[i, p Q + q] = x[p, i, q], in float64 (in tiles, see Layout)."""
-    p_, m, q_ = x.shape
+    p_, m, q_ = x.shape[0], x.shape[1], _width(x, width)
     for i0 in range(0, m, _TILE):
         for p in range(p_):
-            if q_ == 1 and m - i0 >= _TILE:
-                for t in range(_TILE):
-                    v = x[p, i0 + t, 0]
-                    re[i0 + t, p], im[i0 + t, p] = v.real, v.imag
-            else:
-                for t in range(min(_TILE, m - i0)):
-                    for q in range(q_):
-                        v = x[p, i0 + t, q]
-                        re[i0 + t, p * q_ + q], im[i0 + t, p * q_ + q] = v.real, v.imag
+            for t in range(min(_TILE, m - i0)):
+                for q in range(q_):
+                    v = x[p, i0 + t, q]
+                    re[i0 + t, p * q_ + q], im[i0 + t, p * q_ + q] = v.real, v.imag
 
 
 @njit(**_JIT)
-def _from_columns(re, im, out):
+def _from_columns(re, im, out, width):
     """out[p, i, q] = re[i, p Q + q] (+ i im[i, p Q + q] unless im is None)."""
     m = out.shape[1]
     for i0 in range(0, m, _TILE):
         if im is None:
-            _tile_from_columns(re[i0:], None, i0, min(_TILE, m - i0), out)
+            _tile_from_columns(re[i0:], None, i0, min(_TILE, m - i0), out, width)
         else:
-            _tile_from_columns(re[i0:], im[i0:], i0, min(_TILE, m - i0), out)
+            _tile_from_columns(re[i0:], im[i0:], i0, min(_TILE, m - i0), out, width)
 
 
 @njit(**_JIT)
@@ -184,7 +183,7 @@ def _recursion_step(a, ia, bc, j, k, zr, zi, cr, ci, gr, gi, io, dr_out, di_out)
 
 
 @njit(**_JIT)
-def _causal_forward(a, bc, k, zr, zi, cols, out):
+def _causal_forward(a, bc, k, zr, zi, cols, out, width):
     """Recursion (1) tile by tile: each tile of _TILE positions of a is copied to columns,
     recursed and copied to out while it is in cache. The result columns keep every position
     for the backward pass if cols has N of them, else only the tile. False if some g_i is not
@@ -198,11 +197,11 @@ def _causal_forward(a, bc, k, zr, zi, cols, out):
     for i0 in range(0, n, _TILE):
         m = min(_TILE, n - i0)
         base = i0 if keep else 0
-        _tile_to_columns(a, None, i0, m, ta)
+        _tile_to_columns(a, None, i0, m, ta, width)
         for t in range(m):
             i = i0 + t
             _recursion_step(ta, t, bc, i - 1, k, zr, zi, cr, ci, gr, gi, base + t, None, None)
-        _tile_from_columns(gr[base:], gi[base:], i0, m, out)
+        _tile_from_columns(gr[base:], gi[base:], i0, m, out, width)
     for r in range(rows):
         if not (np.isfinite(cr[r]) and np.isfinite(ci[r])):
             return False
@@ -241,7 +240,7 @@ def _full_columns(cols, bc, k, zr, zi):
 
 
 @njit(**_JIT)
-def _forward(a, b, c, k, z, causal, cols, out):
+def _forward(a, b, c, k, z, causal, cols, out, width):
     """The causal (1) or full (3) diagonal of every row into `out` (P, N, Q), with the
     workspace `cols`. a (P, N, Q); b, c (P, N-1, Q), or None for the constant coupling product
     k; z (P or 1, Q or 1) complex. Returns 0, or 1 if some z is not finite with Im z > 0
@@ -256,19 +255,19 @@ def _forward(a, b, c, k, z, causal, cols, out):
                 return 1
             zr[p * q_ + q], zi[p * q_ + q] = v.real, v.imag
     if b is not None:
-        _to_columns(b, c, cols[_BC])
+        _to_columns(b, c, cols[_BC], width)
     if causal:
         if b is None:
-            return 0 if _causal_forward(a, None, k, zr, zi, cols, out) else 2
-        return 0 if _causal_forward(a, cols[_BC], k, zr, zi, cols, out) else 2
-    _to_columns(a, None, cols[_A])
+            return 0 if _causal_forward(a, None, k, zr, zi, cols, out, width) else 2
+        return 0 if _causal_forward(a, cols[_BC], k, zr, zi, cols, out, width) else 2
+    _to_columns(a, None, cols[_A], width)
     if b is None:
         ok = _full_columns(cols, None, k, zr, zi)
     else:
         ok = _full_columns(cols, cols[_BC], k, zr, zi)
     if not ok:
         return 2
-    _from_columns(cols[_GR], cols[_GI], out)
+    _from_columns(cols[_GR], cols[_GI], out, width)
     return 0
 
 
@@ -354,11 +353,11 @@ def _adjoint(cols, bc, k, causal, work):
 
 
 @njit(**_JIT)
-def _backward(w, b, c, k, causal, cols, work, ga, gb, gc, gz):
+def _backward(w, b, c, k, causal, cols, work, ga, gb, gc, gz, width):
     """Reverse mode through the forward pass that left `cols`, for the upstream gradient
     w (P, N, Q) complex: grad_a into ga (P, N, Q), grad_b and grad_c into gb, gc (P, N-1, Q)
     (each skipped if None), grad_z into gz (P Q,) complex. work (3 or 7, N, P Q) float64."""
-    _complex_to_columns(w, work[0], work[1])
+    _complex_to_columns(w, work[0], work[1], width)
     if b is None:
         _adjoint(cols, None, k, causal, work)
     else:
@@ -375,7 +374,7 @@ def _backward(w, b, c, k, causal, cols, work, ga, gb, gc, gz):
     for r in range(rows):
         gz[r] = complex(zr[r], zi[r])
     if ga is not None:
-        _from_columns(sr, None, ga)
+        _from_columns(sr, None, ga, width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,71 +382,121 @@ def _backward(w, b, c, k, causal, cols, work, ga, gb, gc, gz):
 # --------------------------------------------------------------------------------------------
 
 
+class _Plan(NamedTuple):
+    """How a call maps onto the kernels: rows p Q + q of (P, M, Q) arrays (see Layout)."""
+
+    batch: tuple[int, ...]
+    n: int
+    inner: bool  # Q is the last batch axis (stored inside the positions), else Q = 1
+    p: int
+    q: int
+    causal: bool
+    dtype: torch.dtype
+    cdtype: torch.dtype
+    width: tuple[int, ...] | None  # Q as a tuple's length for the kernels (see Layout), or None
+
+
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _check(a, b, c, z) -> tuple[tuple[int, ...], torch.dtype]:
+def _describe(x) -> tuple | type:
+    """What the validation reads of b, c or z: a tensor's dtype, device and shape, or the type
+    of anything else (the values of numbers are checked on every call, outside the cache)."""
+    if isinstance(x, torch.Tensor):
+        return x.dtype, x.device, x.shape
+    return type(x)
+
+
+def _prepare(a, b, c, z, causal: bool) -> tuple[_Plan, object, object, float]:
     """Validate everything but the values of the tensors a, b, c, z (the kernels detect bad
     values without a pass of their own; _check_finite and _check_shift name them); return the
-    batch shape and the output dtype."""
-    for name, t in (("a", a), ("b", b), ("c", c)):
-        if isinstance(t, torch.Tensor):
-            if t.dtype not in _COMPLEX:
-                raise TypeError(f"{name} must be real float32 or float64, got {t.dtype}")
-            if not t.is_cpu:
-                raise ValueError(f"{name} must be on the CPU, got device {t.device}")
-            if t.ndim == 0:
-                raise ValueError(f"{name} must have at least one dimension, got a scalar")
-        elif name == "a":
-            raise TypeError(f"a must be a torch.Tensor, got {type(t).__name__}")
-        elif not _is_number(t):
-            raise TypeError(f"{name} must be a torch.Tensor or a real number, got "
-                            f"{type(t).__name__}")
-        elif not math.isfinite(t):
+    plan and the couplings (b, c, k) of _couplings."""
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"a must be a torch.Tensor, got {type(a).__name__}")
+    plan = _plan(a.dtype, a.device, a.shape, a.stride(), _describe(b), _describe(c),
+                 _describe(z), causal)
+    for name, t in (("b", b), ("c", c)):
+        if not isinstance(t, torch.Tensor) and not math.isfinite(t):
             raise ValueError(f"{name} must be finite, got {t}")
-    tensors = (isinstance(b, torch.Tensor), isinstance(c, torch.Tensor))
-    if any(t and x.dtype != a.dtype for t, x in zip(tensors, (b, c), strict=True)):
+    if not isinstance(z, torch.Tensor):
+        _check_shift(z)
+    return plan, *_couplings(a, b, c)
+
+
+def _check_tensor(name: str, dtype: torch.dtype, device: torch.device, shape: torch.Size):
+    if dtype not in _COMPLEX:
+        raise TypeError(f"{name} must be real float32 or float64, got {dtype}")
+    if device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got device {device}")
+    if len(shape) == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+
+
+def _broadcast(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """numpy's broadcasting of batch shapes (its function costs several times this one)."""
+    ndim = max(map(len, shapes))
+    out = [1] * ndim
+    for shape in shapes:
+        for i, d in enumerate(shape, ndim - len(shape)):
+            if d != 1 and d != out[i]:
+                if out[i] != 1:
+                    raise ValueError("batch shapes do not broadcast: " + ", ".join(
+                        f"{name} {tuple(s)}" for name, s in zip("abcz", shapes, strict=True)))
+                out[i] = d
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(dtype: torch.dtype, device: torch.device, shape: torch.Size, strides: tuple[int, ...],
+          b: tuple | type, c: tuple | type, z: tuple | type, causal: bool) -> _Plan:
+    """The checks and the plan of a call, from a's dtype, device, shape and strides and the
+    descriptions (_describe) of b, c, z; cached, since a model repeats a few signatures."""
+    _check_tensor("a", dtype, device, shape)
+    for name, t in (("b", b), ("c", c)):
+        if isinstance(t, tuple):
+            _check_tensor(name, *t)
+        elif t is bool or not issubclass(t, (int, float)):
+            raise TypeError(f"{name} must be a torch.Tensor or a real number, got {t.__name__}")
+    tensors = [t for t in (b, c) if isinstance(t, tuple)]
+    if any(t[0] != dtype for t in tensors):
         raise TypeError("a, b, c must share one dtype, got " + ", ".join(
-            str(x.dtype) if isinstance(x, torch.Tensor) else "a number" for x in (a, b, c)))
-    n = a.shape[-1]
+            [str(dtype)] + [str(t[0]) if isinstance(t, tuple) else "a number" for t in (b, c)]))
+    n = shape[-1]
     if n == 0:
         raise ValueError(f"a must have at least one entry on its last axis, got shape "
-                         f"{tuple(a.shape)}")
-    shapes = [a.shape[:-1]]
-    for name, t, tensor in (("b", b, tensors[0]), ("c", c, tensors[1])):
-        if tensor:
-            if t.shape[-1] != n - 1:
+                         f"{tuple(shape)}")
+    shapes = [tuple(shape[:-1])]
+    for name, t in (("b", b), ("c", c)):
+        if isinstance(t, tuple):
+            if t[2][-1] != n - 1:
                 raise ValueError(f"{name} must have N-1 = {n - 1} entries on its last axis "
-                                 f"(a has N = {n}), got shape {tuple(t.shape)}")
-            shapes.append(t.shape[:-1])
+                                 f"(a has N = {n}), got shape {tuple(t[2])}")
+            shapes.append(tuple(t[2][:-1]))
         else:
             shapes.append(())
-    cdtype = _COMPLEX[a.dtype]
-    if isinstance(z, torch.Tensor):
-        if not (z.dtype.is_complex or z.dtype.is_floating_point):
-            raise TypeError(f"z must be a complex tensor, got {z.dtype}")
-        if not z.dtype.is_complex:
+    cdtype = _COMPLEX[dtype]
+    if isinstance(z, tuple):
+        zdtype, zdevice, zshape = z
+        if not (zdtype.is_complex or zdtype.is_floating_point):
+            raise TypeError(f"z must be a complex tensor, got {zdtype}")
+        if not zdtype.is_complex:
             raise ValueError("z must have Im z > 0, got a real tensor (Im z = 0)")
-        if z.dtype != cdtype:
-            raise TypeError(f"z must be {cdtype} for {a.dtype} inputs, got {z.dtype}")
-        if not z.is_cpu:
-            raise ValueError(f"z must be on the CPU, got device {z.device}")
-        shapes.append(z.shape)
-    elif isinstance(z, (int, float, complex)) and not isinstance(z, bool):
-        _check_shift(z)
-        shapes.append(())
+        if zdtype != cdtype:
+            raise TypeError(f"z must be {cdtype} for {dtype} inputs, got {zdtype}")
+        if zdevice.type != "cpu":
+            raise ValueError(f"z must be on the CPU, got device {zdevice}")
+        shapes.append(tuple(zshape))
+    elif z is bool or not issubclass(z, (int, float, complex)):
+        raise TypeError(f"z must be a Python number or a complex tensor, got {z.__name__}")
     else:
-        raise TypeError(f"z must be a Python number or a complex tensor, got {type(z).__name__}")
-    batch = shapes[0]
-    if all(s == batch or not s for s in shapes):
-        return tuple(batch), cdtype
-    try:
-        return np.broadcast_shapes(*shapes), cdtype
-    except ValueError as err:
-        raise ValueError("batch shapes do not broadcast: " + ", ".join(
-            f"{name} {tuple(shape)}" for name, shape in zip("abcz", shapes, strict=True))
-        ) from err
+        shapes.append(())
+    batch = _broadcast(shapes)
+    inner = (len(batch) > 0 and batch[-1] > 1 and n > 1 and shapes[0] == batch
+             and strides[-1] > strides[-2])
+    q = batch[-1] if inner else 1
+    return _Plan(batch, n, inner, math.prod(batch) // q, q, causal, dtype, cdtype,
+                 _WIDTHS.get(q))
 
 
 def _check_shift(z: complex | torch.Tensor) -> None:
@@ -470,30 +519,8 @@ def _check_finite(a, b, c) -> None:
             raise ValueError(f"{name} contains NaN or Inf; all inputs must be finite")
 
 
-class _Plan(NamedTuple):
-    """How a call maps onto the kernels: rows p Q + q of (P, M, Q) arrays (see Layout)."""
-
-    batch: tuple[int, ...]
-    n: int
-    inner: bool  # Q is the last batch axis (stored inside the positions), else Q = 1
-    p: int
-    q: int
-    k: float  # b c for couplings given as numbers (b, c are then None)
-    causal: bool
-    dtype: torch.dtype
-    cdtype: torch.dtype
-
-
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.complex64: np.complex64,
           torch.complex128: np.complex128}
-
-
-def _plan(a, batch, k, causal, cdtype) -> _Plan:
-    n = a.shape[-1]
-    inner = (len(batch) > 0 and batch[-1] > 1 and n > 1 and a.shape[:-1] == batch
-             and a.stride(-1) > a.stride(-2))
-    q = batch[-1] if inner else 1
-    return _Plan(batch, n, inner, math.prod(batch) // q, q, k, causal, a.dtype, cdtype)
 
 
 def _blocks(t: torch.Tensor, plan: _Plan, m: int) -> np.ndarray:
@@ -548,7 +575,8 @@ def _scratch(shape: tuple[int, ...]) -> np.ndarray:
     return buf[:size].reshape(shape)
 
 
-def _run_forward(plan: _Plan, a, b, c, z, keep: bool) -> tuple[torch.Tensor, np.ndarray]:
+def _run_forward(plan: _Plan, a, b, c, k: float, z, keep: bool
+                 ) -> tuple[torch.Tensor, np.ndarray]:
     """The result tensor and the workspace the backward pass reads (if `keep`)."""
     n, rows = plan.n, plan.p * plan.q
     out, out_view = _empty(plan, n, plan.cdtype)
@@ -558,8 +586,8 @@ def _run_forward(plan: _Plan, a, b, c, z, keep: bool) -> tuple[torch.Tensor, np.
         shape = (8, n, rows)
     cols = np.empty(shape) if keep else _scratch(shape)
     couplings = (None, None) if b is None else (_blocks(b, plan, n - 1), _blocks(c, plan, n - 1))
-    status = _forward(_blocks(a, plan, n), *couplings, plan.k, _shift_blocks(z, plan),
-                      plan.causal, cols, out_view)
+    status = _forward(_blocks(a, plan, n), *couplings, k, _shift_blocks(z, plan),
+                      plan.causal, cols, out_view, plan.width)
     if status == 1:
         _check_shift(z)
     if status == 2:  # a non-finite input (raises ValueError here) or a singular block
@@ -573,9 +601,9 @@ def _run_forward(plan: _Plan, a, b, c, z, keep: bool) -> tuple[torch.Tensor, np.
 
 class _ResolventDiag(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, c, z, plan):
-        out, ctx.cols = _run_forward(plan, a, b, c, z, keep=True)
-        ctx.plan = plan
+    def forward(ctx, a, b, c, z, plan, k):
+        out, ctx.cols = _run_forward(plan, a, b, c, k, z, keep=True)
+        ctx.plan, ctx.k = plan, k
         ctx.shapes = (a.shape, None if b is None else b.shape, None if c is None else c.shape,
                       z.shape if isinstance(z, torch.Tensor) else None)
         # The result is saved although backward reads the workspace instead: changing it in
@@ -599,15 +627,15 @@ class _ResolventDiag(torch.autograd.Function):
         work = _scratch((3 if plan.causal else 7, n, rows))
         couplings = (None, None) if b is None else (_blocks(b, plan, n - 1),
                                                     _blocks(c, plan, n - 1))
-        _backward(_blocks(grad_out, plan, n), *couplings, plan.k, plan.causal, cols, work,
-                  *views, gz)
+        _backward(_blocks(grad_out, plan, n), *couplings, ctx.k, plan.causal, cols, work,
+                  *views, gz, plan.width)
         for i, shape in enumerate(ctx.shapes[:3]):
             if grads[i] is not None:
                 grads[i] = _sum_to(grads[i], shape).to(plan.dtype)
         if ctx.needs_input_grad[3]:
             gz = torch.from_numpy(gz).view(plan.batch)
             grads[3] = _sum_to(gz, ctx.shapes[3]).to(plan.cdtype)
-        return (*grads, None)
+        return (*grads, None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,13 +676,11 @@ def resolvent_diag(
     TypeError/ValueError on invalid input and FloatingPointError if a leading/trailing block
     is singular.
     """
-    batch, cdtype = _check(a, b, c, z)
-    b, c, k = _couplings(a, b, c)
-    plan = _plan(a, batch, k, causal, cdtype)
+    plan, b, c, k = _prepare(a, b, c, z, causal)
     if torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in (a, b, c, z)):
-        return _ResolventDiag.apply(a, b, c, z, plan)
-    return _run_forward(plan, a, b, c, z, keep=False)[0]
+        return _ResolventDiag.apply(a, b, c, z, plan, k)
+    return _run_forward(plan, a, b, c, k, z, keep=False)[0]
 
 
 def resolvent_diag_loop(
@@ -668,7 +694,8 @@ def resolvent_diag_loop(
     """Reference for :func:`resolvent_diag`: eqs. (1)-(3) as a Python loop over positions of
     batched torch ops (complex128 internally), differentiable by autograd. Same arguments,
     validation and output dtype; slow."""
-    batch, cdtype = _check(a, b, c, z)
+    plan = _prepare(a, b, c, z, causal)[0]
+    batch, cdtype = plan.batch, plan.cdtype
     if isinstance(z, torch.Tensor):
         _check_shift(z)
     else:

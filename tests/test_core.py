@@ -490,10 +490,11 @@ def test_number_coupling_gradients_match_autograd_through_the_loop(causal, p, n,
 # The kernels run with rows in SIMD lanes and copy positions in tiles of 8: row counts that are
 # not a multiple of the vector width, a single row, N of 1 and 2, N not a multiple of the tile,
 # and the model's transposed view (positions outside the last batch axis) are checked against
-# the dense oracle, forward and backward.
+# the dense oracle, forward and backward, with channel counts that get a kernel of their own (a
+# constant count: 1, 2, 4, 8, 16) and counts that do not.
 
 EDGE_SHAPES = [(1, 1), (1, 2), (1, 9), (3, 1), (3, 2), (3, 17), (5, 8), (7, 16), (9, 33),
-               (13, 2)]
+               (13, 2), (2, 9), (4, 17), (8, 3), (16, 10)]
 
 
 def edge_problem(batch, channels, n, transposed, dtype=F64):
@@ -544,6 +545,27 @@ def test_the_result_and_the_gradient_are_stored_like_a(causal):
     assert ga.transpose(1, 2).is_contiguous()
     torch.testing.assert_close(g, resolvent_diag(a.detach().contiguous(), 1.0, 1.0, z,
                                                  causal=causal), rtol=0, atol=0)
+
+
+def test_a_plan_is_cached_per_signature_and_each_layout_dtype_and_coupling_gets_its_own():
+    """resolvent_diag caches its checks and plan per (dtype, device, shape, strides of a; the
+    same of b, c, z or their types): calls that alternate the layout, the precision and the
+    kind of couplings on the same shape must each be planned for themselves."""
+    a, z = edge_problem(3, 4, 20, transposed=True)
+    bt = torch.full((3, 4, 19), 0.7, dtype=F64)
+    want = dense_diag(a, bt, bt, z, causal=True)
+    for _ in range(2):
+        for x in (a, a.contiguous()):
+            g = resolvent_diag(x, 0.7, 0.7, z, causal=True)
+            assert g.stride() == x.stride()
+            torch.testing.assert_close(g, want, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(resolvent_diag(x, bt, bt, z, causal=True), want,
+                                       rtol=1e-9, atol=1e-12)
+            g32 = resolvent_diag(x.float(), 0.7, 0.7, z.to(torch.complex64), causal=True)
+            assert g32.dtype == torch.complex64
+            torch.testing.assert_close(g32, want.to(torch.complex64), rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="c must be finite"):
+            resolvent_diag(a, 0.7, float("inf"), z, causal=True)
 
 
 # -------------------------------------------------------------------------- reference kernel
