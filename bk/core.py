@@ -77,7 +77,7 @@ def _width(x, width):
 
 
 @njit(inline="always")
-def _tile_to_columns(x, y, i0, m, out, width):
+def _copy_to_columns(x, y, i0, m, out, width):
     """out[t, p Q + q] = x[p, i0 + t, q] (times y[p, i0 + t, q] unless y is None) for t < m,
     in float64."""
     p_, q_ = x.shape[0], _width(x, width)
@@ -89,7 +89,16 @@ def _tile_to_columns(x, y, i0, m, out, width):
 
 
 @njit(inline="always")
-def _tile_from_columns(re, im, i0, m, out, width):
+def _tile_to_columns(x, y, i0, m, out, width):
+    """_copy_to_columns with a constant trip count for a full tile (the compiler unrolls it)."""
+    if m == _TILE:
+        _copy_to_columns(x, y, i0, _TILE, out, width)
+    else:
+        _copy_to_columns(x, y, i0, m, out, width)
+
+
+@njit(inline="always")
+def _copy_from_columns(re, im, i0, m, out, width):
     """out[p, i0 + t, q] = re[t, p Q + q] (+ i im[t, p Q + q] unless im is None) for t < m."""
     p_, q_ = out.shape[0], _width(out, width)
     for p in range(p_):
@@ -97,6 +106,15 @@ def _tile_from_columns(re, im, i0, m, out, width):
             for q in range(q_):
                 r = p * q_ + q
                 out[p, i0 + t, q] = re[t, r] if im is None else complex(re[t, r], im[t, r])
+
+
+@njit(inline="always")
+def _tile_from_columns(re, im, i0, m, out, width):
+    """_copy_from_columns with a constant trip count for a full tile (the compiler unrolls it)."""
+    if m == _TILE:
+        _copy_from_columns(re, im, i0, _TILE, out, width)
+    else:
+        _copy_from_columns(re, im, i0, m, out, width)
 
 
 @njit(**_JIT)
@@ -107,16 +125,32 @@ def _to_columns(x, y, out, width):
         _tile_to_columns(x, y, i0, min(_TILE, m - i0), out[i0:], width)
 
 
+@njit(inline="always")
+def _copy_complex_to_columns(x, i0, m, re, im, width):
+    """re[t, p Q + q] + i im[t, p Q + q] = x[p, i0 + t, q] for t < m, in float64."""
+    p_, q_ = x.shape[0], _width(x, width)
+    for p in range(p_):
+        for t in range(m):
+            for q in range(q_):
+                v = x[p, i0 + t, q]
+                re[t, p * q_ + q], im[t, p * q_ + q] = v.real, v.imag
+
+
+@njit(inline="always")
+def _tile_complex_to_columns(x, i0, m, re, im, width):
+    """_copy_complex_to_columns with a constant trip count for a full tile (unrolled)."""
+    if m == _TILE:
+        _copy_complex_to_columns(x, i0, _TILE, re, im, width)
+    else:
+        _copy_complex_to_columns(x, i0, m, re, im, width)
+
+
 @njit(**_JIT)
 def _complex_to_columns(x, re, im, width):
     """re[i, p Q + q] + i im[i, p Q + q] = x[p, i, q], in float64 (in tiles, see Layout)."""
-    p_, m, q_ = x.shape[0], x.shape[1], _width(x, width)
+    m = x.shape[1]
     for i0 in range(0, m, _TILE):
-        for p in range(p_):
-            for t in range(min(_TILE, m - i0)):
-                for q in range(q_):
-                    v = x[p, i0 + t, q]
-                    re[i0 + t, p * q_ + q], im[i0 + t, p * q_ + q] = v.real, v.imag
+        _tile_complex_to_columns(x, i0, min(_TILE, m - i0), re[i0:], im[i0:], width)
 
 
 @njit(**_JIT)
@@ -279,28 +313,38 @@ def _adjoint_of_denominator(hr, hi, gr, gi):
 
 
 # The backward kernels propagate h = conj(w) (w: torch's incoming gradient) with holomorphic
-# derivatives. They leave in (work[0], work[1]) the adjoint s_i of a_i, which is complex:
-# grad_a = Re(s), and since every denominator depends on a_i - z, grad_z = conj(-sum_i s_i).
-# work[2] receives grad_{b_k c_k} (real) when the couplings are tensors.
+# derivatives. The adjoint s_i of a_i is complex: grad_a = Re(s), and since every denominator
+# depends on a_i - z, grad_z = conj(-sum_i s_i); the kernels sum s over the positions into
+# sz (2, rows). work[2] receives grad_{b_k c_k} (real) when the couplings are tensors.
 
 
 @njit(**_JIT)
-def _causal_adjoint(cols, bc, k, work):
-    """Adjoint of (1): s_i = -g_i^2 (h_i - b_i c_i s_{i+1}), in place of w."""
+def _causal_adjoint(w, bc, k, cols, work, ga, sz, width):
+    """Adjoint of (1), s_i = -g_i^2 (h_i - b_i c_i s_{i+1}), tile by tile from the last
+    position, like the forward pass: each tile of w is copied to columns (work[0], work[1]),
+    replaced by s and copied to ga (unless None) while it is in cache."""
     gr, gi, sr, si, gbc = cols[_GR], cols[_GI], work[0], work[1], work[2]
     n, rows = gr.shape
     cr, ci = np.empty(rows), np.empty(rows)
-    for i in range(n - 1, -1, -1):
-        for r in range(rows):
-            hr, hi = sr[i, r], -si[i, r]
-            if i < n - 1:
-                kk = _coupling(bc, k, i, r)
-                hr, hi = hr - kk * cr[r], hi - kk * ci[r]
-                if bc is not None:
-                    gbc[i, r] = -(cr[r] * gr[i, r] - ci[r] * gi[i, r])
-            xr, xi = _adjoint_of_denominator(hr, hi, gr[i, r], gi[i, r])
-            sr[i, r], si[i, r] = xr, xi
-            cr[r], ci[r] = xr, xi
+    for i0 in range((n - 1) // _TILE * _TILE, -1, -_TILE):
+        m = min(_TILE, n - i0)
+        _tile_complex_to_columns(w, i0, m, sr, si, width)
+        for t in range(m - 1, -1, -1):
+            i = i0 + t
+            for r in range(rows):
+                hr, hi = sr[t, r], -si[t, r]
+                if i < n - 1:
+                    kk = _coupling(bc, k, i, r)
+                    hr, hi = hr - kk * cr[r], hi - kk * ci[r]
+                    if bc is not None:
+                        gbc[i, r] = -(cr[r] * gr[i, r] - ci[r] * gi[i, r])
+                xr, xi = _adjoint_of_denominator(hr, hi, gr[i, r], gi[i, r])
+                sr[t, r], si[t, r] = xr, xi
+                cr[r], ci[r] = xr, xi
+                sz[0, r] += xr
+                sz[1, r] += xi
+        if ga is not None:
+            _tile_from_columns(sr, None, i0, m, ga, width)
 
 
 @njit(**_JIT)
@@ -345,36 +389,46 @@ def _full_adjoint(cols, bc, k, work):
 
 
 @njit(**_JIT)
-def _adjoint(cols, bc, k, causal, work):
-    if causal:
-        _causal_adjoint(cols, bc, k, work)
-    else:
-        _full_adjoint(cols, bc, k, work)
+def _full_backward(w, bc, k, cols, work, ga, sz, width):
+    """The full diagonal's adjoint on whole columns: w copied to (work[0], work[1]), replaced
+    by s, summed into sz and copied to ga (unless None)."""
+    _complex_to_columns(w, work[0], work[1], width)
+    _full_adjoint(cols, bc, k, work)
+    sr, si = work[0], work[1]
+    for i in range(sr.shape[0]):
+        for r in range(sr.shape[1]):
+            sz[0, r] += sr[i, r]
+            sz[1, r] += si[i, r]
+    if ga is not None:
+        _from_columns(sr, None, ga, width)
 
 
 @njit(**_JIT)
 def _backward(w, b, c, k, causal, cols, work, ga, gb, gc, gz, width):
     """Reverse mode through the forward pass that left `cols`, for the upstream gradient
     w (P, N, Q) complex: grad_a into ga (P, N, Q), grad_b and grad_c into gb, gc (P, N-1, Q)
-    (each skipped if None), grad_z into gz (P Q,) complex. work (3 or 7, N, P Q) float64."""
-    _complex_to_columns(w, work[0], work[1], width)
-    if b is None:
-        _adjoint(cols, None, k, causal, work)
+    (each skipped if None), and grad_z summed into gz (zp, zq) complex, zeros on entry, over
+    the rows that share one z (z's blocks, see _shift_blocks). work (3, N or a tile, P Q)
+    float64 for the causal diagonal (N if the couplings are tensors), (7, N, P Q) for the
+    full one."""
+    sz = np.zeros((2, cols.shape[2]))
+    if causal:
+        if b is None:
+            _causal_adjoint(w, None, k, cols, work, ga, sz, width)
+        else:
+            _causal_adjoint(w, cols[_BC], k, cols, work, ga, sz, width)
+    elif b is None:
+        _full_backward(w, None, k, cols, work, ga, sz, width)
     else:
-        _adjoint(cols, cols[_BC], k, causal, work)
-        if gb is not None or gc is not None:
-            _coupling_grads(work[2], b, c, gb, gc)
-    sr, si = work[0], work[1]
-    n, rows = sr.shape
-    zr, zi = np.zeros(rows), np.zeros(rows)
-    for i in range(n):
-        for r in range(rows):
-            zr[r] -= sr[i, r]
-            zi[r] += si[i, r]
-    for r in range(rows):
-        gz[r] = complex(zr[r], zi[r])
-    if ga is not None:
-        _from_columns(sr, None, ga, width)
+        _full_backward(w, cols[_BC], k, cols, work, ga, sz, width)
+    if b is not None and (gb is not None or gc is not None):
+        _coupling_grads(work[2], b, c, gb, gc)
+    p_, q_ = w.shape[0], _width(w, width)
+    zp, zq = gz.shape
+    for p in range(p_):
+        for q in range(q_):
+            r = p * q_ + q
+            gz[p % zp, q % zq] += complex(-sz[0, r], sz[1, r])
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,18 +585,26 @@ def _blocks(t: torch.Tensor, plan: _Plan, m: int) -> np.ndarray:
     return (x.swapaxes(-1, -2) if plan.inner else x).reshape(plan.p, m, plan.q)
 
 
+def _shift_shape(shape: tuple[int, ...], plan: _Plan) -> tuple[int, int]:
+    """(P or 1, Q or 1): the shape of the blocks of a z of this shape (the kernels broadcast a
+    length-1 axis), one z shared by the rows p Q + q with the same (p mod zp, q mod zq)."""
+    if math.prod(shape) == 1:
+        return 1, 1
+    if plan.inner and tuple(shape) == plan.batch[-1:]:
+        return 1, plan.q
+    return plan.p, plan.q
+
+
 def _shift_blocks(z: complex | torch.Tensor, plan: _Plan) -> np.ndarray:
-    """z as a (P or 1, Q or 1) array (the kernel broadcasts a length-1 axis)."""
+    """z as an array of the shape _shift_shape gives: a view of z unless z broadcasts to the
+    batch in another way than those."""
     if not isinstance(z, torch.Tensor):
         return np.array([[z]], dtype=np.complex128)
     x = z.numpy(force=True)
-    if x.size == 1:
-        return x.reshape(1, 1)
-    if x.shape == plan.batch:
-        return x.reshape(plan.p, plan.q)
-    if plan.inner and x.shape == plan.batch[-1:]:
-        return x.reshape(1, plan.q)
-    return np.broadcast_to(x, plan.batch).reshape(plan.p, plan.q)
+    shape = _shift_shape(x.shape, plan)
+    if x.size == shape[0] * shape[1]:
+        return x.reshape(shape)
+    return np.broadcast_to(x, plan.batch).reshape(shape)
 
 
 def _empty(plan: _Plan, m: int, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
@@ -618,23 +680,31 @@ class _ResolventDiag(torch.autograd.Function):
         b, c, _ = ctx.saved_tensors
         n, rows = plan.n, plan.p * plan.q
         full = torch.Size((*plan.batch, n))
-        grads, views = [None] * 4, [None] * 3
+        grads, views, summed = [None] * 4, [None] * 3, [False] * 3
         for i, (shape, m) in enumerate(zip(ctx.shapes[:3], (n, n - 1, n - 1), strict=True)):
             if ctx.needs_input_grad[i]:
-                exact = shape == full[:-1] + (m,)
-                grads[i], views[i] = _empty(plan, m, plan.dtype if exact else torch.float64)
-        gz = np.empty(rows, dtype=np.complex128)
-        work = _scratch((3 if plan.causal else 7, n, rows))
+                summed[i] = shape != full[:-1] + (m,)  # broadcast: summed in float64 below
+                grads[i], views[i] = _empty(plan, m, torch.float64 if summed[i] else plan.dtype)
+        zshape = ctx.shapes[3]
+        gz = np.zeros(_shift_shape(() if zshape is None else zshape, plan), dtype=np.complex128)
+        if plan.causal:  # the causal adjoint needs only a tile of w's columns, see _backward
+            work = _scratch((3, n if b is not None else min(n, _TILE), rows))
+        else:
+            work = _scratch((7, n, rows))
         couplings = (None, None) if b is None else (_blocks(b, plan, n - 1),
                                                     _blocks(c, plan, n - 1))
         _backward(_blocks(grad_out, plan, n), *couplings, ctx.k, plan.causal, cols, work,
                   *views, gz, plan.width)
         for i, shape in enumerate(ctx.shapes[:3]):
-            if grads[i] is not None:
+            if summed[i]:
                 grads[i] = _sum_to(grads[i], shape).to(plan.dtype)
         if ctx.needs_input_grad[3]:
-            gz = torch.from_numpy(gz).view(plan.batch)
-            grads[3] = _sum_to(gz, ctx.shapes[3]).to(plan.cdtype)
+            gz = torch.from_numpy(gz)
+            if gz.numel() == math.prod(zshape):  # summed over the rows that share each z
+                gz = gz.view(zshape)
+            else:
+                gz = _sum_to(gz.view(plan.batch), zshape)
+            grads[3] = gz.to(plan.cdtype)
         return (*grads, None, None)
 
 

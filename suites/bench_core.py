@@ -68,7 +68,8 @@ class ResolventForwardBackward:
 # ------------------------------------------------------------------ against the same-math kernel
 
 # "model BxCxN": as BKBlock.resolvent calls it: float32 potentials stored (B, N, C) passed as the
-# transposed view (B, C, N), couplings 1 as numbers, z per channel, causal. "tensors RxN": float64
+# transposed view (B, C, N), couplings 1 as numbers, z per channel, causal; the upstream gradient
+# stored like the result, (B, N, C), as the model's backward passes it. "tensors RxN": float64
 # (R, N) a, b, c and z per row.
 CASES = ["model 32x4x128 causal", "model 32x8x128 causal", "tensors 8x4096 causal",
          "tensors 8x4096 full"]
@@ -101,6 +102,8 @@ def case(name: str) -> tuple:
             problem = reference_kernel.Problem.from_torch(a, b, c, z)
         g = resolvent_diag(*args, causal=mode == "causal")
         w = torch.randn(g.shape, dtype=g.dtype, generator=gen)
+        if kind == "model":  # the model's upstream gradient is stored like g: (B, N, C)
+            w = w.transpose(1, 2).contiguous().transpose(1, 2)
         flat = w.reshape(-1, n).to(torch.complex128)
         columns = tuple(np.ascontiguousarray(x.numpy().T) for x in (flat.real, flat.imag))
         _CASES[name] = (args, mode == "causal", problem, w, columns)
