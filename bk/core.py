@@ -279,12 +279,12 @@ def _forward(a, b, c, k, z, causal, cols, out, width):
     workspace `cols`. a (P, N, Q); b, c (P, N-1, Q), or None for the constant coupling product
     k; z (P or 1, Q or 1) complex. Returns 0, or 1 if some z is not finite with Im z > 0
     (nothing computed), or 2 if some output is not finite (out not written)."""
-    p_, n, q_ = a.shape
+    p_, q_ = a.shape[0], _width(a, width)
     zr, zi = np.empty(p_ * q_), np.empty(p_ * q_)
-    zp, zq = z.shape
+    zp, zq = z.shape  # each 1 or the full count: a select, not an integer division
     for p in range(p_):
         for q in range(q_):
-            v = z[p % zp, q % zq]
+            v = z[p if zp > 1 else 0, q if zq > 1 else 0]
             if not (np.isfinite(v.real) and np.isfinite(v.imag) and v.imag > 0):
                 return 1
             zr[p * q_ + q], zi[p * q_ + q] = v.real, v.imag
@@ -424,11 +424,11 @@ def _backward(w, b, c, k, causal, cols, work, ga, gb, gc, gz, width):
     if b is not None and (gb is not None or gc is not None):
         _coupling_grads(work[2], b, c, gb, gc)
     p_, q_ = w.shape[0], _width(w, width)
-    zp, zq = gz.shape
+    zp, zq = gz.shape  # as z's blocks in _forward
     for p in range(p_):
         for q in range(q_):
             r = p * q_ + q
-            gz[p % zp, q % zq] += complex(-sz[0, r], sz[1, r])
+            gz[p if zp > 1 else 0, q if zq > 1 else 0] += complex(-sz[0, r], sz[1, r])
 
 
 # --------------------------------------------------------------------------------------------
