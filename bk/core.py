@@ -77,6 +77,16 @@ def _width(x, width):
 
 
 @njit(inline="always")
+def _tile(copy, x, y, i0, m, out, width):
+    """copy(x, y, i0, m, out, width), one of the layout copies below, for the tile of m
+    positions at i0: a full tile with the constant trip count _TILE, which the compiler unrolls."""
+    if m == _TILE:
+        copy(x, y, i0, _TILE, out, width)
+    else:
+        copy(x, y, i0, m, out, width)
+
+
+@njit(inline="always")
 def _copy_to_columns(x, y, i0, m, out, width):
     """out[t, p Q + q] = x[p, i0 + t, q] (times y[p, i0 + t, q] unless y is None) for t < m,
     in float64."""
@@ -86,15 +96,6 @@ def _copy_to_columns(x, y, i0, m, out, width):
             for q in range(q_):
                 v = np.float64(x[p, i0 + t, q])
                 out[t, p * q_ + q] = v if y is None else v * np.float64(y[p, i0 + t, q])
-
-
-@njit(inline="always")
-def _tile_to_columns(x, y, i0, m, out, width):
-    """_copy_to_columns with a constant trip count for a full tile (the compiler unrolls it)."""
-    if m == _TILE:
-        _copy_to_columns(x, y, i0, _TILE, out, width)
-    else:
-        _copy_to_columns(x, y, i0, m, out, width)
 
 
 @njit(inline="always")
@@ -108,26 +109,19 @@ def _copy_from_columns(re, im, i0, m, out, width):
                 out[p, i0 + t, q] = re[t, r] if im is None else complex(re[t, r], im[t, r])
 
 
-@njit(inline="always")
-def _tile_from_columns(re, im, i0, m, out, width):
-    """_copy_from_columns with a constant trip count for a full tile (the compiler unrolls it)."""
-    if m == _TILE:
-        _copy_from_columns(re, im, i0, _TILE, out, width)
-    else:
-        _copy_from_columns(re, im, i0, m, out, width)
-
-
 @njit(**_JIT)
 def _to_columns(x, y, out, width):
     """out[i, p Q + q] = x[p, i, q] (times y[p, i, q] unless y is None), in float64."""
     m = x.shape[1]
     for i0 in range(0, m, _TILE):
-        _tile_to_columns(x, y, i0, min(_TILE, m - i0), out[i0:], width)
+        _tile(_copy_to_columns, x, y, i0, min(_TILE, m - i0), out[i0:], width)
 
 
 @njit(inline="always")
-def _copy_complex_to_columns(x, i0, m, re, im, width):
-    """re[t, p Q + q] + i im[t, p Q + q] = x[p, i0 + t, q] for t < m, in float64."""
+def _copy_complex_to_columns(x, y, i0, m, out, width):
+    """re[t, p Q + q] + i im[t, p Q + q] = x[p, i0 + t, q] for t < m, in float64, with out
+    (re, im); y is unused (the copies share one signature)."""
+    re, im = out
     p_, q_ = x.shape[0], _width(x, width)
     for p in range(p_):
         for t in range(m):
@@ -136,21 +130,13 @@ def _copy_complex_to_columns(x, i0, m, re, im, width):
                 re[t, p * q_ + q], im[t, p * q_ + q] = v.real, v.imag
 
 
-@njit(inline="always")
-def _tile_complex_to_columns(x, i0, m, re, im, width):
-    """_copy_complex_to_columns with a constant trip count for a full tile (unrolled)."""
-    if m == _TILE:
-        _copy_complex_to_columns(x, i0, _TILE, re, im, width)
-    else:
-        _copy_complex_to_columns(x, i0, m, re, im, width)
-
-
 @njit(**_JIT)
 def _complex_to_columns(x, re, im, width):
     """re[i, p Q + q] + i im[i, p Q + q] = x[p, i, q], in float64 (in tiles, see Layout)."""
     m = x.shape[1]
     for i0 in range(0, m, _TILE):
-        _tile_complex_to_columns(x, i0, min(_TILE, m - i0), re[i0:], im[i0:], width)
+        _tile(_copy_complex_to_columns, x, None, i0, min(_TILE, m - i0), (re[i0:], im[i0:]),
+              width)
 
 
 @njit(**_JIT)
@@ -159,9 +145,9 @@ def _from_columns(re, im, out, width):
     m = out.shape[1]
     for i0 in range(0, m, _TILE):
         if im is None:
-            _tile_from_columns(re[i0:], None, i0, min(_TILE, m - i0), out, width)
+            _tile(_copy_from_columns, re[i0:], None, i0, min(_TILE, m - i0), out, width)
         else:
-            _tile_from_columns(re[i0:], im[i0:], i0, min(_TILE, m - i0), out, width)
+            _tile(_copy_from_columns, re[i0:], im[i0:], i0, min(_TILE, m - i0), out, width)
 
 
 @njit(**_JIT)
@@ -231,11 +217,11 @@ def _causal_forward(a, bc, k, zr, zi, cols, out, width):
     for i0 in range(0, n, _TILE):
         m = min(_TILE, n - i0)
         base = i0 if keep else 0
-        _tile_to_columns(a, None, i0, m, ta, width)
+        _tile(_copy_to_columns, a, None, i0, m, ta, width)
         for t in range(m):
             i = i0 + t
             _recursion_step(ta, t, bc, i - 1, k, zr, zi, cr, ci, gr, gi, base + t, None, None)
-        _tile_from_columns(gr[base:], gi[base:], i0, m, out, width)
+        _tile(_copy_from_columns, gr[base:], gi[base:], i0, m, out, width)
     for r in range(rows):
         if not (np.isfinite(cr[r]) and np.isfinite(ci[r])):
             return False
@@ -328,7 +314,7 @@ def _causal_adjoint(w, bc, k, cols, work, ga, sz, width):
     cr, ci = np.empty(rows), np.empty(rows)
     for i0 in range((n - 1) // _TILE * _TILE, -1, -_TILE):
         m = min(_TILE, n - i0)
-        _tile_complex_to_columns(w, i0, m, sr, si, width)
+        _tile(_copy_complex_to_columns, w, None, i0, m, (sr, si), width)
         for t in range(m - 1, -1, -1):
             i = i0 + t
             for r in range(rows):
@@ -344,7 +330,7 @@ def _causal_adjoint(w, bc, k, cols, work, ga, sz, width):
                 sz[0, r] += xr
                 sz[1, r] += xi
         if ga is not None:
-            _tile_from_columns(sr, None, i0, m, ga, width)
+            _tile(_copy_from_columns, sr, None, i0, m, ga, width)
 
 
 @njit(**_JIT)
