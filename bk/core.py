@@ -71,7 +71,7 @@ _A, _BC, _GR, _GI, _LR, _LI, _RR, _RI = range(8)
 @njit(inline="always")
 def _width(x, width):
     """Q of a (P, M, Q) array: len(width), a compile-time constant, unless width is None."""
-    if width is None:  # an `if`, not a conditional expression: numba prunes only the former
+    if width is None:
         return x.shape[2]
     return len(width)
 
