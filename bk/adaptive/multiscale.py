@@ -8,7 +8,7 @@ resolution: with ``levels=2`` and 4 blocks it is ``N -> N/2 -> N/4 -> (N/2 merge
 at N, block 1 at N/2, block 2 at N/4, block 3 at N after up-sampling. With ``rise`` ``mirror``
 the stack comes back up one level per block as it went down, ``l_i = min(i, levels, n-1-i)``:
 with ``levels=2`` and 6 blocks, N, N/2, N/4, N/4, N/2, N. The default, ``factor=2, levels=2``,
-runs one block at N/2 and all but the first and the last at N/4 (at ``small``, fine-tuned 600
+runs one block at N/2 and all but the first and the last at N/4 (at ``small``, fine-tuned 900
 steps with distillation weight 3, +3.9% test perplexity, where ``levels=3`` cost +5.1%).
 
 Down-sampling (level l -> l+1): pooled position ``j`` is a learned convex combination of the k
