@@ -436,8 +436,9 @@ class _Plan(NamedTuple):
     width: tuple[int, ...] | None  # Q as a tuple's length for the kernels (see Layout), or None
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _is_real_number_type(t: type) -> bool:
+    """A Python real number's type (bool excluded): what b and c may be besides tensors."""
+    return t is not bool and issubclass(t, (int, float))
 
 
 def _describe(x) -> tuple | type:
@@ -496,7 +497,7 @@ def _plan(dtype: torch.dtype, device: torch.device, shape: torch.Size, strides: 
     for name, t in (("b", b), ("c", c)):
         if isinstance(t, tuple):
             _check_tensor(name, *t)
-        elif t is bool or not issubclass(t, (int, float)):
+        elif not _is_real_number_type(t):
             raise TypeError(f"{name} must be a torch.Tensor or a real number, got {t.__name__}")
     tensors = [t for t in (b, c) if isinstance(t, tuple)]
     if any(t[0] != dtype for t in tensors):
@@ -700,9 +701,10 @@ class _ResolventDiag(torch.autograd.Function):
 
 
 def _couplings(a, b, c):
-    """(b, c, k): numbers b and c become their product k (in a's precision, as if they were
-    tensors full of them) and None; one number beside a tensor becomes a tensor."""
-    if _is_number(b) and _is_number(c):
+    """(b, c, k) for b and c checked by _plan (tensors or real numbers): numbers b and c become
+    their product k (in a's precision, as if they were tensors full of them) and None; one
+    number beside a tensor becomes a tensor."""
+    if not isinstance(b, torch.Tensor) and not isinstance(c, torch.Tensor):
         cast = np.float32 if a.dtype == torch.float32 else np.float64
         return None, None, float(cast(b)) * float(cast(c))
     b, c = (t if isinstance(t, torch.Tensor) else a.new_full((a.shape[-1] - 1,), t)
