@@ -17,8 +17,9 @@ Dispatch, for T tokens of width d:
 4. combine: ``into[token] += gate * (y + down bias)`` for every sorted row, in one pass.
 
 Steps 1, 2 and 4 are numba kernels (one pass each instead of 3-6 torch operations and their
-temporaries); 2 and 4 are autograd functions whose backward passes are plain torch. Without
-gradients the router's maximum over the experts is a kernel too.
+temporaries; without gradients 1 and 2 are one call); 2 and 4 are autograd functions whose
+backward passes are plain torch. Without gradients the router's maximum over the experts is a
+kernel too.
 """
 
 from __future__ import annotations
@@ -118,16 +119,30 @@ def _group(expert, n_experts, order, slot, sorted_expert, offsets):
 
 
 @njit(**_JIT)
-def _gather(x, order, out):
-    """``out[i] = [x[order[i]], 1, 0, ..., 0]``."""
+def _gather(x, slot, out, gate, sorted_gate):
+    """``out[slot[t]] = [x[t], 1, 0, ..., 0]``, and ``sorted_gate[slot[t]] = gate[t]`` unless
+    gate is None. In token order, so that only the rows of out are written out of order (about
+    twice as fast as reading the rows of x in sorted order)."""
     d = x.shape[1]
-    for i in range(order.shape[0]):
-        row = order[i]
+    for t in range(slot.shape[0]):
+        i = slot[t]
+        if gate is not None:
+            sorted_gate[i] = gate[t]
         for j in range(d):
-            out[i, j] = x[row, j]
+            out[i, j] = x[t, j]
         out[i, d] = 1.0
         for j in range(d + 1, out.shape[1]):
             out[i, j] = 0.0
+
+
+@njit(**_JIT)
+def _sort(expert, gate, x, n_experts, order, slot, sorted_expert, sorted_gate, offsets, rows):
+    """_group, then _gather of x and the gate: the sorting and the experts' input in one call
+    (see MoEFeedForward.sort); returns what _group returns."""
+    bad = _group(expert, n_experts, order, slot, sorted_expert, offsets)
+    if bad < 0:
+        _gather(x, slot, rows, gate, sorted_gate)
+    return bad
 
 
 @njit(**_JIT)
@@ -157,9 +172,9 @@ def _padded_width(d: int) -> int:
     return (d + 4) // 4 * 4
 
 
-def _gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    out = x.new_empty(order.shape[0], _padded_width(x.shape[1]))
-    _gather(_array(x), _array(order), out.numpy())
+def _gather_rows(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty(slot.shape[0], _padded_width(x.shape[1]))
+    _gather(_array(x), _array(slot), out.numpy(), None, None)
     return out
 
 
@@ -179,18 +194,16 @@ def _combine_rows(y, gate, bias, slot, expert, residual, mixed) -> torch.Tensor:
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, order):
-        out = _gather_rows(x, order)
-        ctx.save_for_backward(order)
-        ctx.shape = x.shape
-        return out
+    def forward(ctx, x, slot):
+        ctx.save_for_backward(slot)
+        ctx.width = x.shape[1]
+        return _gather_rows(x, slot)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        (order,) = ctx.saved_tensors
-        rows, d = ctx.shape
-        return grad.new_zeros(rows, d).index_add_(0, order, grad[:, :d]), None
+        (slot,) = ctx.saved_tensors  # token t is sorted row slot[t]: a permutation
+        return grad[:, :ctx.width].index_select(0, slot), None
 
 
 class _Combine(torch.autograd.Function):
@@ -240,7 +253,7 @@ class MoEFeedForward(nn.Module):
         self.n_experts = n_experts
         self.router = nn.Linear(d_model, n_experts)
         self.experts = nn.ModuleList(Expert(d_model, d_hidden) for _ in range(n_experts))
-        self._stacked: tuple[tuple, StackedWeights] | None = None
+        self._stacked: tuple[list[int], StackedWeights] | None = None
 
     def route(self, x: torch.Tensor) -> Routing:
         logits = torch.addmm(self.router.bias[:, None], self.router.weight, x.mT)
@@ -259,23 +272,30 @@ class MoEFeedForward(nn.Module):
             _top(_array(probs), gate.numpy(), expert.numpy())
         return Routing(expert=expert, gate=gate, probs=probs.mT)
 
-    def group(self, routing: Routing) -> ExpertGroups:
-        expert = routing.expert
-        order, slot, sorted_expert = (torch.empty_like(expert) for _ in range(3))
+    def sort(self, x: torch.Tensor, routing: Routing) -> tuple[ExpertGroups, torch.Tensor]:
+        """The tokens grouped by expert, and ``x`` ``(T, d)``'s rows in that order as the
+        experts' input (see module doc). Without gradients in one kernel call."""
+        expert, gate = routing.expert, routing.gate
+        tokens = expert.shape[0]
+        order, slot, sorted_expert = torch.empty(3, tokens, dtype=expert.dtype)
         offsets = torch.empty(self.n_experts, dtype=torch.int32)
-        bad = _group(_array(expert), self.n_experts, order.numpy(), slot.numpy(),
-                     sorted_expert.numpy(), offsets.numpy())
+        tracked = torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad)
+        if tracked:
+            bad = _group(_array(expert), self.n_experts, order.numpy(), slot.numpy(),
+                         sorted_expert.numpy(), offsets.numpy())
+        else:
+            sorted_gate = gate.new_empty(tokens)
+            rows = x.new_empty(tokens, _padded_width(x.shape[1]))
+            bad = _sort(_array(expert), _array(gate), _array(x), self.n_experts, order.numpy(),
+                        slot.numpy(), sorted_expert.numpy(), sorted_gate.numpy(),
+                        offsets.numpy(), rows.numpy())
         if bad >= 0:
             raise ValueError(f"routing.expert must lie in [0, {self.n_experts}), got "
                              f"{int(expert[bad])} at token {bad}")
-        return ExpertGroups(order, slot, sorted_expert, offsets,
-                            routing.gate.index_select(0, order))
-
-    def gather(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
-        """The tokens ``x`` ``(T, d)`` in sorted order, as the experts' input (see module doc)."""
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _GatherRows.apply(x, groups.order)
-        return _gather_rows(x, groups.order)
+        if tracked:
+            sorted_gate = gate.index_select(0, order)
+            rows = _GatherRows.apply(x, slot) if x.requires_grad else _gather_rows(x, slot)
+        return ExpertGroups(order, slot, sorted_expert, offsets, sorted_gate), rows
 
     def stacked_weights(self) -> StackedWeights:
         """The experts' weights as grouped products take them: up ``(E, d + 1 + pad, H)`` for
@@ -290,9 +310,14 @@ class MoEFeedForward(nn.Module):
         if torch.is_grad_enabled():
             return self._stack_weights()
         # the parameters the modules hold now (up weight and bias, down weight and bias), read
-        # from their dictionaries: nn.Module attribute lookups were most of this check's cost
-        key = tuple((p.data_ptr(), p._version) for e in self.experts._modules.values()
-                    for layer in e._modules.values() for p in layer._parameters.values())
+        # from their dictionaries: nn.Module attribute lookups were most of this check's cost,
+        # and a flat list built in plain loops costs half a tuple of pairs from a generator
+        key = []
+        for e in self.experts._modules.values():
+            for layer in e._modules.values():
+                for p in layer._parameters.values():
+                    key.append(p.data_ptr())
+                    key.append(p._version)
         if self._stacked is None or self._stacked[0] != key:
             self._stacked = (key, self._stack_weights())
         return self._stacked[1]
@@ -337,9 +362,9 @@ class MoEFeedForward(nn.Module):
                  residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Run each expert only on the tokens routed to it; gated outputs ``f`` in token order,
         or ``x + f + m`` for ``residual = (x, m)`` (see ``combine``)."""
-        groups = self.group(routing)
+        groups, rows = self.sort(x, routing)
         weights = self.stacked_weights()  # once: checking the kept copies costs ~20 us
-        y = self.expert_outputs(self.gather(x, groups), groups, weights=weights)
+        y = self.expert_outputs(rows, groups, weights=weights)
         return self.combine(y, groups, residual, weights=weights)
 
     def balance_loss(self, routing: Routing, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -127,7 +127,7 @@ def instrument(net: LanguageModel, clock: dict[str, float],
         moe = block.moe
         unfuse_residual_sum(moe)
         wrap(moe, "route", "router")
-        for name in ("group", "stacked_weights", "gather", "gated_outputs"):
+        for name in ("sort", "stacked_weights", "gated_outputs"):
             wrap(moe, name, "dispatch")
         wrap(moe, "expert_outputs", "experts")
         for module in (block.potential, block.readout):

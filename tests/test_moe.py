@@ -86,6 +86,22 @@ def test_dispatch_and_its_gradients_equal_the_float64_masked_dense_reference(cas
         torch.testing.assert_close(grad, p64.grad, **tol, msg=name)
 
 
+@given(routed_tokens(), st.sampled_from(["x", "gate"]))
+def test_the_gradient_of_the_one_input_that_needs_one_equals_the_reference(case, needs):
+    """With gradients on, the dispatch sorts without its kernel's gather when x or the gate
+    needs a gradient; each alone takes that path too."""
+    moe, x, expert, gate = case
+    (x if needs == "x" else gate).requires_grad_()
+    out = moe.dispatch(x, Routing(expert=expert, gate=gate, probs=x.new_empty(0, 0)))
+    weights = torch.randn(out.shape, dtype=torch.float64)
+    (out.double() * weights).sum().backward()
+    x64, gate64 = x.detach().double(), gate.detach().double()
+    (x64 if needs == "x" else gate64).requires_grad_()
+    (masked_dense(float64_copy(moe), x64, expert, gate64) * weights).sum().backward()
+    got, expected = (x.grad, x64.grad) if needs == "x" else (gate.grad, gate64.grad)
+    torch.testing.assert_close(got.double(), expected, **tolerance(x.dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("expert", [[], [2], [1, 1, 1, 1, 1], [0, 2, 0, 2, 2, 0]])
 def test_dispatch_edge_cases_no_token_one_token_one_expert_empty_experts(dtype, expert):

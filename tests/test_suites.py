@@ -51,14 +51,14 @@ def test_the_forward_anatomy_gives_each_part_exactly_its_time_and_the_residual_s
         setattr(owner, name, call)
 
     for block in net.blocks:
-        for name, cost in (("route", 1.0), ("group", 2.0), ("stacked_weights", 19.0),
-                           ("gather", 3.0), ("expert_outputs", 7.0), ("resolvent", 13.0)):
+        for name, cost in (("route", 1.0), ("sort", 5.0), ("stacked_weights", 19.0),
+                           ("expert_outputs", 7.0), ("resolvent", 13.0)):
             costing(block.moe if name != "resolvent" else block, name, cost)
         costing(block.moe, "combine", 5.0, fused_cost=100.0)
         costing(block.potential, "forward", 11.0)
         costing(block.readout, "forward", 17.0)
     shares = bench_model.anatomy(net, torch.randint(0, 128, (2, 16)), repeats=2, timer=clock)
-    total = 2 * (1 + 2 + 3 + 5 + 7 + 11 + 13 + 17 + 19)
+    total = 2 * (1 + 5 + 5 + 7 + 11 + 13 + 17 + 19)
     assert shares == pytest.approx({"router": 100 * 2 / total, "dispatch": 100 * 58 / total,
                                     "experts": 100 * 14 / total, "bk_path": 100 * 82 / total,
                                     "rest": 0.0})
