@@ -784,16 +784,28 @@ def section_tuning(tunings: Sequence[Tuning], out: Path) -> str:
 
 
 def section_cumulative(records: Sequence[dict[str, Any]], target: Target, out: Path) -> str:
-    """One history per model scale: a comparison never mixes scales."""
+    """One history per model scale and processor: a comparison never mixes scales, nor
+    processors (the same model's ratios differ from one to another)."""
     from bench.baselines import record_scale
 
     if not records:
         return ("<p class=missing>No baseline record yet: <code>bk-bench baseline record</code> "
                 "adds one per commit to <code>baselines/records/</code>.</p>")
-    scales = list(dict.fromkeys(record_scale(r) for r in records))
-    return "".join(f"<h3>scale {esc(scale)}</h3>" + _scale_history(
-        [r for r in records if record_scale(r) == scale], target, out, f"cumulative-{scale}.png")
-                   for scale in scales)
+
+    def cpu(rec: dict[str, Any]) -> str:
+        return str((rec.get("machine") or {}).get("cpu") or "an unnamed processor")
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault((record_scale(rec), cpu(rec)), []).append(rec)
+    processors = {scale: sum(s == scale for s, _ in groups) for scale, _ in groups}
+    parts = []
+    for (scale, name), group in groups.items():
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        png = f"cumulative-{scale}{'' if processors[scale] == 1 else '-' + slug}.png"
+        parts.append(f"<h3>scale {esc(scale)}, {esc(name)}</h3>"
+                     + _scale_history(group, target, out, png))
+    return "".join(parts)
 
 
 def _scale_history(records: Sequence[dict[str, Any]], target: Target, out: Path,

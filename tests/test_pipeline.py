@@ -134,6 +134,28 @@ def test_a_record_and_a_check_never_mix_scales(tmp_path, capsys):
     assert (tmp_path / "cumulative-base.png").is_file()
 
 
+def test_the_cumulative_history_of_a_scale_is_drawn_per_processor(tmp_path):
+    """A model's ratios differ between processors, so one history line never joins records of
+    two: each processor at a scale gets its own heading, table and plot."""
+    setup = Setup.quick("tiny", corpus="synthetic").describe()
+    records = []
+    for i, (cpu, commit) in enumerate([("Intel Xeon", "aaaaaaa"), ("AMD EPYC", "bbbbbbb"),
+                                       ("Intel Xeon", "ccccccc")]):
+        act = Row("act", "tiny", 1.0 + i, reference_perplexity=10.0, candidate_perplexity=10.1,
+                  quality_delta=0.01, counts=True)
+        rec = baselines.make_record([act], setup, TARGET, commit)
+        rec["machine"] = {**rec["machine"], "cpu": cpu}
+        records.append(rec)
+    html = report.section_cumulative(records, TARGET, tmp_path)
+    intel, amd = html.index("scale tiny, Intel Xeon"), html.index("scale tiny, AMD EPYC")
+    assert intel < amd  # in the order of their first records
+    intel_part, amd_part = html[intel:amd], html[amd:]
+    assert "aaaaaaa" in intel_part and "ccccccc" in intel_part and "bbbbbbb" not in intel_part
+    assert "bbbbbbb" in amd_part and "aaaaaaa" not in amd_part and "ccccccc" not in amd_part
+    assert (tmp_path / "cumulative-tiny-intel-xeon.png").is_file()
+    assert (tmp_path / "cumulative-tiny-amd-epyc.png").is_file()
+
+
 def test_a_record_whose_scale_is_not_its_setups_is_refused(tmp_path):
     rec = baselines.make_record([], {"scale": "tiny"}, TARGET, "c")
     rec["scale"] = "small"
