@@ -11,6 +11,7 @@ says how to read them, and carries asv's per-commit series as static plots and t
 from __future__ import annotations
 
 import argparse
+import collections
 import html
 import itertools
 import math
@@ -798,7 +799,7 @@ def section_cumulative(records: Sequence[dict[str, Any]], target: Target, out: P
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for rec in records:
         groups.setdefault((record_scale(rec), cpu(rec)), []).append(rec)
-    processors = {scale: sum(s == scale for s, _ in groups) for scale, _ in groups}
+    processors = collections.Counter(scale for scale, _ in groups)
     parts = []
     for (scale, name), group in groups.items():
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

@@ -17,7 +17,7 @@ Dispatch, for T tokens of width d:
 4. combine: ``into[token] += gate * (y + down bias)`` for every sorted row, in one pass.
 
 Steps 1, 2 and 4 are numba kernels (one pass each instead of 3-6 torch operations and their
-temporaries; without gradients 1 and 2 are one call); 2 and 4 are autograd functions whose
+temporaries; without gradients 2 also sorts the gates); 2 and 4 are autograd functions whose
 backward passes are plain torch. Without gradients the router's maximum over the experts is a
 kernel too.
 """
@@ -121,8 +121,8 @@ def _group(expert, n_experts, order, slot, sorted_expert, offsets):
 @njit(**_JIT)
 def _gather(x, slot, out, gate, sorted_gate):
     """``out[slot[t]] = [x[t], 1, 0, ..., 0]``, and ``sorted_gate[slot[t]] = gate[t]`` unless
-    gate is None. In token order, so that only the rows of out are written out of order (about
-    twice as fast as reading the rows of x in sorted order)."""
+    gate is None. In token order, so that only the rows of out are written out of order (55 us
+    against 99 for reading the rows of x in sorted order, 4096 x 64 float32 in cache)."""
     d = x.shape[1]
     for t in range(slot.shape[0]):
         i = slot[t]
@@ -133,16 +133,6 @@ def _gather(x, slot, out, gate, sorted_gate):
         out[i, d] = 1.0
         for j in range(d + 1, out.shape[1]):
             out[i, j] = 0.0
-
-
-@njit(**_JIT)
-def _sort(expert, gate, x, n_experts, order, slot, sorted_expert, sorted_gate, offsets, rows):
-    """_group, then _gather of x and the gate: the sorting and the experts' input in one call
-    (see MoEFeedForward.sort); returns what _group returns."""
-    bad = _group(expert, n_experts, order, slot, sorted_expert, offsets)
-    if bad < 0:
-        _gather(x, slot, rows, gate, sorted_gate)
-    return bad
 
 
 @njit(**_JIT)
@@ -172,10 +162,14 @@ def _padded_width(d: int) -> int:
     return (d + 4) // 4 * 4
 
 
-def _gather_rows(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+def _gather_rows(x: torch.Tensor, slot: torch.Tensor, gate: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The experts' input rows (see _gather), and ``gate`` in sorted order if given."""
     out = x.new_empty(slot.shape[0], _padded_width(x.shape[1]))
-    _gather(_array(x), _array(slot), out.numpy(), None, None)
-    return out
+    sorted_gate = None if gate is None else gate.new_empty(slot.shape[0])
+    _gather(_array(x), _array(slot), out.numpy(), None if gate is None else _array(gate),
+            None if gate is None else sorted_gate.numpy())
+    return out, sorted_gate
 
 
 def _combine_rows(y, gate, bias, slot, expert, residual, mixed) -> torch.Tensor:
@@ -197,7 +191,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, x, slot):
         ctx.save_for_backward(slot)
         ctx.width = x.shape[1]
-        return _gather_rows(x, slot)
+        return _gather_rows(x, slot)[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -274,27 +268,20 @@ class MoEFeedForward(nn.Module):
 
     def sort(self, x: torch.Tensor, routing: Routing) -> tuple[ExpertGroups, torch.Tensor]:
         """The tokens grouped by expert, and ``x`` ``(T, d)``'s rows in that order as the
-        experts' input (see module doc). Without gradients in one kernel call."""
+        experts' input (see module doc)."""
         expert, gate = routing.expert, routing.gate
-        tokens = expert.shape[0]
-        order, slot, sorted_expert = torch.empty(3, tokens, dtype=expert.dtype)
+        order, slot, sorted_expert = torch.empty(3, expert.shape[0], dtype=expert.dtype)
         offsets = torch.empty(self.n_experts, dtype=torch.int32)
-        tracked = torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad)
-        if tracked:
-            bad = _group(_array(expert), self.n_experts, order.numpy(), slot.numpy(),
-                         sorted_expert.numpy(), offsets.numpy())
-        else:
-            sorted_gate = gate.new_empty(tokens)
-            rows = x.new_empty(tokens, _padded_width(x.shape[1]))
-            bad = _sort(_array(expert), _array(gate), _array(x), self.n_experts, order.numpy(),
-                        slot.numpy(), sorted_expert.numpy(), sorted_gate.numpy(),
-                        offsets.numpy(), rows.numpy())
+        bad = _group(_array(expert), self.n_experts, order.numpy(), slot.numpy(),
+                     sorted_expert.numpy(), offsets.numpy())
         if bad >= 0:
             raise ValueError(f"routing.expert must lie in [0, {self.n_experts}), got "
                              f"{int(expert[bad])} at token {bad}")
-        if tracked:
+        if torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad):
             sorted_gate = gate.index_select(0, order)
-            rows = _GatherRows.apply(x, slot) if x.requires_grad else _gather_rows(x, slot)
+            rows = _GatherRows.apply(x, slot) if x.requires_grad else _gather_rows(x, slot)[0]
+        else:  # the gates sorted in the gather's pass
+            rows, sorted_gate = _gather_rows(x, slot, gate)
         return ExpertGroups(order, slot, sorted_expert, offsets, sorted_gate), rows
 
     def stacked_weights(self) -> StackedWeights:
