@@ -33,6 +33,7 @@ from __future__ import annotations
 import cmath
 import functools
 import math
+import struct
 import threading
 from typing import NamedTuple
 
@@ -434,6 +435,7 @@ class _Plan(NamedTuple):
     dtype: torch.dtype
     cdtype: torch.dtype
     width: tuple[int, ...] | None  # Q as a tuple's length for the kernels (see Layout), or None
+    zblock: tuple[int, int]  # the shape of z's blocks (_shift_shape)
 
 
 def _is_real_number_type(t: type) -> bool:
@@ -457,12 +459,10 @@ def _prepare(a, b, c, z, causal: bool) -> tuple[_Plan, object, object, float]:
         raise TypeError(f"a must be a torch.Tensor, got {type(a).__name__}")
     plan = _plan(a.dtype, a.device, a.shape, a.stride(), _describe(b), _describe(c),
                  _describe(z), causal)
-    for name, t in (("b", b), ("c", c)):
-        if not isinstance(t, torch.Tensor) and not math.isfinite(t):
-            raise ValueError(f"{name} must be finite, got {t}")
+    b, c, k = _couplings(plan, a, b, c)
     if not isinstance(z, torch.Tensor):
         _check_shift(z)
-    return plan, *_couplings(a, b, c)
+    return plan, b, c, k
 
 
 def _check_tensor(name: str, dtype: torch.dtype, device: torch.device, shape: torch.Size):
@@ -537,7 +537,7 @@ def _plan(dtype: torch.dtype, device: torch.device, shape: torch.Size, strides: 
              and strides[-1] > strides[-2])
     q = batch[-1] if inner else 1
     return _Plan(batch, n, inner, math.prod(batch) // q, q, causal, dtype, cdtype,
-                 _WIDTHS.get(q))
+                 _WIDTHS.get(q), _shift_shape(shapes[-1], batch, inner, q))
 
 
 def _check_shift(z: complex | torch.Tensor) -> None:
@@ -572,14 +572,15 @@ def _blocks(t: torch.Tensor, plan: _Plan, m: int) -> np.ndarray:
     return (x.swapaxes(-1, -2) if plan.inner else x).reshape(plan.p, m, plan.q)
 
 
-def _shift_shape(shape: tuple[int, ...], plan: _Plan) -> tuple[int, int]:
+def _shift_shape(shape: tuple[int, ...], batch: tuple[int, ...], inner: bool, q: int
+                 ) -> tuple[int, int]:
     """(P or 1, Q or 1): the shape of the blocks of a z of this shape (the kernels broadcast a
     length-1 axis), one z shared by the rows p Q + q with the same (p mod zp, q mod zq)."""
     if math.prod(shape) == 1:
         return 1, 1
-    if plan.inner and tuple(shape) == plan.batch[-1:]:
-        return 1, plan.q
-    return plan.p, plan.q
+    if inner and shape == batch[-1:]:
+        return 1, q
+    return math.prod(batch) // q, q
 
 
 def _shift_blocks(z: complex | torch.Tensor, plan: _Plan) -> np.ndarray:
@@ -588,10 +589,9 @@ def _shift_blocks(z: complex | torch.Tensor, plan: _Plan) -> np.ndarray:
     if not isinstance(z, torch.Tensor):
         return np.array([[z]], dtype=np.complex128)
     x = z.numpy(force=True)
-    shape = _shift_shape(x.shape, plan)
-    if x.size == shape[0] * shape[1]:
-        return x.reshape(shape)
-    return np.broadcast_to(x, plan.batch).reshape(shape)
+    if x.size == plan.zblock[0] * plan.zblock[1]:
+        return x.reshape(plan.zblock)
+    return np.broadcast_to(x, plan.batch).reshape(plan.zblock)
 
 
 def _empty(plan: _Plan, m: int, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
@@ -673,7 +673,7 @@ class _ResolventDiag(torch.autograd.Function):
                 summed[i] = shape != full[:-1] + (m,)  # broadcast: summed in float64 below
                 grads[i], views[i] = _empty(plan, m, torch.float64 if summed[i] else plan.dtype)
         zshape = ctx.shapes[3]
-        gz = np.zeros(_shift_shape(() if zshape is None else zshape, plan), dtype=np.complex128)
+        gz = np.zeros(plan.zblock, dtype=np.complex128)
         if plan.causal:  # the causal adjoint needs only a tile of w's columns, see _backward
             work = _scratch((3, n if b is not None else min(n, _TILE), rows))
         else:
@@ -700,16 +700,36 @@ class _ResolventDiag(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _couplings(a, b, c):
-    """(b, c, k) for b and c checked by _plan (tensors or real numbers): numbers b and c become
-    their product k (in a's precision, as if they were tensors full of them) and None; one
-    number beside a tensor becomes a tensor."""
+def _couplings(plan: _Plan, a, b, c):
+    """(b, c, k) for b and c checked by _plan (tensors or real numbers; numbers must be
+    finite): numbers b and c become their product k (in a's precision, as if they were tensors
+    full of them) and None; one number beside a tensor becomes a tensor."""
     if not isinstance(b, torch.Tensor) and not isinstance(c, torch.Tensor):
-        cast = np.float32 if a.dtype == torch.float32 else np.float64
-        return None, None, float(cast(b)) * float(cast(c))
-    b, c = (t if isinstance(t, torch.Tensor) else a.new_full((a.shape[-1] - 1,), t)
-            for t in (b, c))
+        k = _number_product(b, c, plan.dtype == torch.float32)
+        if not math.isfinite(k):  # a non-finite b or c (or a product that overflows)
+            _check_numbers(b, c)
+        return None, None, k
+    _check_numbers(b, c)
+    b, c = (t if isinstance(t, torch.Tensor) else a.new_full((plan.n - 1,), t) for t in (b, c))
     return b, c, 0.0
+
+
+def _check_numbers(b, c) -> None:
+    for name, t in (("b", b), ("c", c)):
+        if not isinstance(t, torch.Tensor) and not math.isfinite(t):
+            raise ValueError(f"{name} must be finite, got {t}")
+
+
+# Native-mode struct packs a float with a C cast: round to nearest, and infinity beyond float32's
+# range, as numpy and a float32 tensor hold it, at a fraction of the cost of two numpy scalars.
+_FLOAT32_PAIR = struct.Struct("ff")
+
+
+def _number_product(b: float, c: float, single: bool) -> float:
+    """b c in float64, after rounding b and c to float32 if `single`."""
+    if single:
+        b, c = _FLOAT32_PAIR.unpack(_FLOAT32_PAIR.pack(b, c))
+    return float(b) * float(c)
 
 
 def resolvent_diag(
@@ -735,8 +755,9 @@ def resolvent_diag(
     is singular.
     """
     plan, b, c, k = _prepare(a, b, c, z, causal)
-    if torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in (a, b, c, z)):
+    if torch.is_grad_enabled() and (
+            a.requires_grad or (b is not None and (b.requires_grad or c.requires_grad))
+            or (isinstance(z, torch.Tensor) and z.requires_grad)):
         return _ResolventDiag.apply(a, b, c, z, plan, k)
     return _run_forward(plan, a, b, c, k, z, keep=False)[0]
 

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bench import reference_kernel
@@ -455,12 +455,35 @@ def test_number_couplings_equal_tensors_full_of_them_and_the_dense_oracle(causal
     torch.testing.assert_close(g, dense_diag(a, bt, ct, z, causal), rtol=1e-9, atol=1e-12)
 
 
+def _outcome(call):
+    """The result of call(), or None if it raised for a non-finite value (a value beyond
+    float32's range is infinite in a float32 tensor: ValueError; as a number b * c overflows:
+    FloatingPointError)."""
+    try:
+        return call()
+    except (ValueError, FloatingPointError):
+        return None
+
+
+# Finite floats of every size: float32's subnormals, values that round to float32's largest
+# and values beyond its range, which a float32 tensor holds as infinity.
+_ANY_FINITE = st.one_of(st.floats(allow_nan=False, allow_infinity=False),
+                        st.floats(-1e-38, 1e-38), st.floats(3.4e38, 3.41e38),
+                        st.sampled_from([0.1, 0.3, -0.0, 1.0]))
+
+
 @pytest.mark.parametrize("causal", [True, False])
-def test_float32_number_couplings_are_rounded_like_float32_tensors(causal):
+@given(b=_ANY_FINITE, c=_ANY_FINITE)
+@example(b=3.41e38, c=1e-39)  # b beyond float32's range: infinite, whatever c
+@example(b=3.4028235e38, c=1e-39)  # b rounds down to float32's largest: finite
+def test_float32_number_couplings_are_rounded_like_float32_tensors(causal, b, c):
     a, _, _, z = random_problem(16, (3,), 20, dtype=torch.float32)
-    full = (torch.full((19,), x, dtype=torch.float32) for x in (0.1, 0.3))
-    assert torch.equal(resolvent_diag(a, 0.1, 0.3, z, causal=causal),
-                       resolvent_diag(a, *full, z, causal=causal))
+    with np.errstate(over="ignore"):  # torch.full refuses values beyond float32's range
+        full = [torch.from_numpy(np.full(19, x, dtype=np.float32)) for x in (b, c)]
+    got = _outcome(lambda: resolvent_diag(a, b, c, z, causal=causal))
+    want = _outcome(lambda: resolvent_diag(a, *full, z, causal=causal))
+    assert (got is None) == (want is None)
+    assert got is None or torch.equal(got, want)
 
 
 @pytest.mark.parametrize("causal", [True, False])
