@@ -306,6 +306,9 @@ def history(root: Path = BASELINES, scale: str | None = None) -> list[dict[str, 
 
 
 COMPARED_MACHINE = ("cpu", "cores", "torch", "torch_threads", "freed_memory_kept")
+# Settings added to Setup after records were written, with the value those records were measured
+# at: a setup (recorded or not) without the field compares as if it named that value.
+ADDED_SETTINGS = {"quality_split": "test"}
 
 
 def setup_differences(rec: Mapping[str, Any], setup: Mapping[str, Any],
@@ -313,7 +316,8 @@ def setup_differences(rec: Mapping[str, Any], setup: Mapping[str, Any],
     """How a measurement's setup (``Setup.describe()``) and machine differ from a record's:
     ``"field: record X, now Y"`` for each (the output folder does not matter)."""
     here = machine() if here is None else here
-    recorded, recorded_machine = rec.get("setup", {}), rec.get("machine", {})
+    recorded, recorded_machine = {**ADDED_SETTINGS, **rec.get("setup", {})}, rec.get("machine", {})
+    setup = {**ADDED_SETTINGS, **setup}
     differ = [f"{k}: record {recorded.get(k)!r}, now {setup.get(k)!r}"
               for k in sorted(set(recorded) | set(setup))
               if k != "output" and recorded.get(k) != setup.get(k)]

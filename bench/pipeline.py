@@ -2,7 +2,9 @@
 
 A technique is fine-tuned from the trained dense model; its reference is the dense model
 fine-tuned for the same steps with the same schedule (the "dense control"), so a quality delta
-never mistakes extra training for a property of the technique.
+never mistakes extra training for a property of the technique. Quality is scored on the test
+split, except where knobs are being chosen (``bk-bench tune``): there it is scored on the
+validation split, so that the test split that reports the choice did not make it.
 
 Checkpoints are cached under ``<output>/checkpoints``, keyed by everything that determines
 them (``Bench.request``): the corpus's content (``Corpus.fingerprint``), the model and training
@@ -42,7 +44,7 @@ from bench.measure import Workload, compare
 from bench.progress import Phase, Progress
 from bench.registry import REFERENCE, Technique, get
 from bench.rows import PATTERNS, Row
-from bk.data import Corpus, load_corpus
+from bk.data import SPLITS, Corpus, load_corpus
 from bk.model import SCALES, LanguageModel, ModelConfig
 from bk.train import (
     Evaluation,
@@ -93,6 +95,9 @@ QUICK = {"steps": 300, "rounds": 12, "workload_batches": 6, "quality_batches": 3
          "ceiling_batches": 2}
 
 
+QUALITY_SPLITS = tuple(split for split in SPLITS if split != "train")
+
+
 @dataclass(frozen=True)
 class Setup:
     """Everything a measurement depends on besides the code. ``Setup.at_scale`` gives a scale's
@@ -111,6 +116,7 @@ class Setup:
     ceiling_batches: int = 20
     train_threads: int = 1
     distill: float = 0.0  # weight of KL(dense || technique) while fine-tuning (bk.train)
+    quality_split: str = "test"  # where quality is scored: "valid" while choosing knobs
     output: Path = Path("runs")
     progress: bool = True
 
@@ -124,6 +130,10 @@ class Setup:
             raise ValueError(f"invalid Setup: finetune_factor {self.finetune_factor} (> 0), "
                              f"train_threads {self.train_threads} and ceiling_batches "
                              f"{self.ceiling_batches} (>= 1)")
+        if self.quality_split not in QUALITY_SPLITS:
+            raise ValueError(f"invalid Setup: quality_split {self.quality_split!r}; expected "
+                             f"one of {', '.join(QUALITY_SPLITS)} (the training split cannot "
+                             f"score a model trained on it)")
 
     @classmethod
     def at_scale(cls, scale: str = "tiny", **overrides: Any) -> Setup:
@@ -414,7 +424,8 @@ class Bench:
         steps_left = self.setup.train_config().steps
         phases = [Phase(f"train {REFERENCE}", steps_left, "train",
                         skipped=self.dense_plan().path.exists())]
-        evaluate_batches = evaluation_batches(self.corpus, "test", seq_len=self.setup.seq_len,
+        evaluate_batches = evaluation_batches(self.corpus, self.setup.quality_split,
+                                              seq_len=self.setup.seq_len,
                                               max_batches=self.setup.quality_batches)
         rounds = self.setup.rounds * len(self.workload.batches)
         ceiling_rounds = len(PATTERNS) * self.setup.rounds * len(self.ceiling_workload.batches)
@@ -689,11 +700,11 @@ class Bench:
         return replace(row, **figures)
 
     def quality(self, model: nn.Module, name: str | None = None) -> Evaluation:
-        """Test-split quality of a model this Bench holds, evaluated once (the dense control is
-        the reference of most techniques); ``name`` names its phase."""
+        """Quality of a model this Bench holds on ``Setup.quality_split``, evaluated once (the
+        dense control is the reference of most techniques); ``name`` names its phase."""
         if id(model) not in self._quality:
             with self._phase(None if name is None else f"quality {name}") as advance:
-                self._quality[id(model)] = evaluate(model, self.corpus, "test",
+                self._quality[id(model)] = evaluate(model, self.corpus, self.setup.quality_split,
                                                     max_batches=self.setup.quality_batches,
                                                     after_batch=advance)
         return self._quality[id(model)]

@@ -84,6 +84,10 @@ def run(setup: Setup, names: Iterable[str] | None = None,
     (speed against quality) and tokens.json (per-token statistics for the report) as one set
     (``bench.files.publish``: a reader never sees files of two runs). Progress is reported by
     phase (``bench.progress``) unless ``setup.progress`` is off."""
+    if setup.quality_split != "test":
+        raise ValueError(f"a run reports quality on the test split (results, report, records); "
+                         f"got quality_split {setup.quality_split!r}, which is for choosing "
+                         f"knobs (bk-bench tune)")
     bench = Bench(setup)
     target = bench.target
     names = chosen(names)
@@ -117,8 +121,9 @@ def sweep(setup: Setup, technique: str, knob: str, values: list[Any],
     """Fine-tune and measure ``technique`` at each value of one knob.
 
     Returns the table and the path stem of its CSV/JSON files, which name the technique, the
-    knob, the fixed knobs, the scale, the sequence length, the timed batches and the training
-    steps, so sweeps of different settings never overwrite each other.
+    knob, the fixed knobs, the scale, the sequence length, the timed batches, the training
+    steps and a quality split other than test, so sweeps of different settings never overwrite
+    each other.
     """
     bench = Bench(setup)
     rows = [bench.measure(technique, {**(fixed or {}), knob: value}) for value in values]
@@ -126,8 +131,10 @@ def sweep(setup: Setup, technique: str, knob: str, values: list[Any],
     # "none" as text: in a column of numbers pandas would turn None into NaN (printed "nan").
     df.insert(1, knob, pd.Series(["none" if v is None else v for v in values], dtype=object))
     settings = "-".join(f"{k}={v}" for k, v in sorted((fixed or {}).items()))
+    split = None if setup.quality_split == "test" else setup.quality_split
     name = "-".join(filter(None, [technique, knob, settings, setup.scale, f"n{setup.seq_len}",
-                                  f"w{setup.workload_batches or 'all'}", f"s{setup.steps}"]))
+                                  f"w{setup.workload_batches or 'all'}", f"s{setup.steps}",
+                                  split]))
     out = setup.output / "sweeps" / name
     publish(out.parent, name, {f"{name}.csv": df.to_csv(index=False),
                                f"{name}.json": dump_json([r.to_dict() for r in rows])})

@@ -1,13 +1,16 @@
 """``bk-bench tune``: quality-constrained tuning of a technique's knobs with Optuna.
 
 Each trial fine-tunes the technique from the dense model at one knob setting and measures it
-(``Bench.measure``: paired wall speedup, FLOPs, work, test perplexity). The default objective is
-the measured wall speedup, maximised subject to ``quality_delta <= max_degradation``. The
-constraint is Optuna's: its value ``quality_delta - max_degradation`` (feasible when <= 0) is set
-with ``Trial.set_constraint`` (Optuna 5's replacement for the deprecated samplers'
-``constraints_func``; TPE, GP and ``study.best_trial`` read it) and copied to
-``trial.user_attrs["constraint"]``, so infeasible trials are recorded as infeasible, never hidden
-behind a penalty value.
+(``Bench.measure``: paired wall speedup, FLOPs, work, perplexity). Trials score perplexity on the
+validation split (``--quality-split``, default valid), so that the test split, which
+``--validate`` re-measures the chosen configuration on, had no part in choosing it: a choice
+made on the split that reports it is biased towards the points whose noise flattered them, most
+of all at the budget's edge. The default objective is the measured wall speedup, maximised
+subject to ``quality_delta <= max_degradation``. The constraint is Optuna's: its value
+``quality_delta - max_degradation`` (feasible when <= 0) is set with ``Trial.set_constraint``
+(Optuna 5's replacement for the deprecated samplers' ``constraints_func``; TPE, GP and
+``study.best_trial`` read it) and copied to ``trial.user_attrs["constraint"]``, so infeasible
+trials are recorded as infeasible, never hidden behind a penalty value.
 
 Any number of workers share one study through Optuna's RDB storage (SQLite by default,
 PostgreSQL across machines). Heartbeats mark a killed worker's trial FAIL and
@@ -37,7 +40,13 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from bench.cli import add_setup_arguments, parse_values, positive_int, setup_from
+from bench.cli import (
+    add_setup_arguments,
+    add_split_argument,
+    parse_values,
+    positive_int,
+    setup_from,
+)
 from bench.files import dump_json, figure_writer, publish, read_json, write_atomic
 
 if TYPE_CHECKING:  # the model code is imported where it runs: `bk-bench tune --help` needs none
@@ -49,7 +58,7 @@ if TYPE_CHECKING:  # the model code is imported where it runs: `bk-bench tune --
 # (study direction, what the value is) for each --score-metric.
 SCORES = {
     "speedup": ("maximize", "measured wall speedup over dense (paired)"),
-    "perplexity": ("minimize", "candidate test perplexity"),
+    "perplexity": ("minimize", "candidate perplexity on the quality split"),
     "layers": ("minimize", "mean layers executed per token (executed-FLOPs ratio x n_layers if "
                            "the technique reports no layer statistic)"),
     "balanced": ("minimize", "(1 + quality_delta) x fraction of the layers executed per token"),
@@ -302,7 +311,7 @@ class _Worker:
         trial.set_user_attr("figures", figures(c))
         delta = c.quality_delta
         if delta is None:  # a row's figures are finite by construction (bench.rows)
-            message = (f"no test perplexity delta at {knobs}: the fine-tuned model cannot be "
+            message = (f"no perplexity delta at {knobs}: the fine-tuned model cannot be "
                        "scored without a quality measurement")
             trial.set_user_attr("error", message)
             raise MeasurementError(message)
@@ -381,7 +390,8 @@ def best_record(study: optuna.Study, records: Sequence[dict[str, Any]]) -> dict[
 
 
 def summary_text(settings: Settings, records: Sequence[dict[str, Any]],
-                 best: dict[str, Any] | None, front: Sequence[dict[str, Any]]) -> str:
+                 best: dict[str, Any] | None, front: Sequence[dict[str, Any]],
+                 split: str) -> str:
     direction = SCORES[settings.metric][0]
     feasible = sorted((r for r in records if r["feasible"]),
                       key=lambda r: r["value"] if direction == "minimize" else -r["value"])
@@ -390,7 +400,7 @@ def summary_text(settings: Settings, records: Sequence[dict[str, Any]],
         states[r["state"]] = states.get(r["state"], 0) + 1
     lines = [f"bk-bench tune {settings.technique.name}: {settings.method} search, "
              f"score {settings.metric} ({direction}: {SCORES[settings.metric][1]}), quality "
-             f"budget +{settings.max_degradation:.1%} test perplexity",
+             f"budget +{settings.max_degradation:.1%} perplexity on the {split} split",
              f"trials: {', '.join(f'{n} {k.lower()}' for k, n in sorted(states.items()))}; "
              f"{len(feasible)} feasible", "", "top feasible trials:"]
     lines += [f"  #{r['number']:<4} {_knobs_text(r['knobs'])}  score {r['value']:.4g}  "
@@ -442,7 +452,7 @@ def _plot_grid_heatmap(settings: Settings, records: Sequence[dict[str, Any]]) ->
 
 
 def _plot_pareto(settings: Settings, records: Sequence[dict[str, Any]],
-                 front: Sequence[dict[str, Any]]) -> bytes:
+                 front: Sequence[dict[str, Any]], split: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -459,7 +469,7 @@ def _plot_pareto(settings: Settings, records: Sequence[dict[str, Any]],
             ms=10, label="Pareto front")
     ax.axvline(100 * settings.max_degradation, color="black", ls="--", lw=0.8,
                label="quality budget")
-    ax.set_xlabel("test perplexity delta over dense (%)")
+    ax.set_xlabel(f"{split} perplexity delta over dense (%)")
     ax.set_ylabel("wall speedup over dense (x)")
     ax.set_title(f"{settings.technique.name}: speedup against quality")
     ax.legend()
@@ -508,24 +518,27 @@ def write_outputs(out: Path, study: optuna.Study, settings: Settings, setup: Set
             "written": datetime.now(UTC).isoformat(timespec="seconds"),
             "settings": settings.describe(), "setup": setup.describe(),
             "finetune_steps": setup.finetune_steps(settings.technique),
-            "baseline": {"reference_test_perplexity": reference,
+            "baseline": {"reference_perplexity": reference,
+                         "quality_split": setup.quality_split,
                          "reference": "dense model trained as long as each candidate "
                                       "(Bench.reference: the dense control)",
                          "quality_batches": setup.quality_batches},
             "packages": package_versions()}),
         "best_config.json": dump_json(
             {"technique": settings.technique.name, "feasible": False, "knobs": None,
-             "reason": f"no trial within +{settings.max_degradation:.1%} test perplexity"}
+             "reason": f"no trial within +{settings.max_degradation:.1%} perplexity on the "
+                       f"{setup.quality_split} split", "quality_split": setup.quality_split}
             if best is None else
             {"technique": settings.technique.name, "feasible": True, "trial": best["number"],
              "knobs": best["knobs"], "score_metric": settings.metric, "score": best["value"],
              "figures": best["figures"], "max_degradation": settings.max_degradation,
              "finetune_fraction": settings.technique.finetune_fraction,
-             "finetune_factor": setup.finetune_factor}),
-        "optimization_summary.txt": summary_text(settings, records, best, front),
+             "finetune_factor": setup.finetune_factor, "quality_split": setup.quality_split}),
+        "optimization_summary.txt": summary_text(settings, records, best, front,
+                                                 setup.quality_split),
     }
     if any(r["state"] == "COMPLETE" for r in records):
-        files["pareto.png"] = _plot_pareto(settings, records, front)
+        files["pareto.png"] = _plot_pareto(settings, records, front, setup.quality_split)
         if settings.method == "grid" and len(settings.space) == 2:
             files["grid_heatmap.png"] = _plot_grid_heatmap(settings, records)
     publish(out, "tune", files)
@@ -560,12 +573,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lambdas", type=float, nargs="+",
                        help="ACT alias for --values act_lambda=...")
     group.add_argument("--max-degradation", type=float, default=0.01,
-                       help="relative test-perplexity increase allowed (default 0.01)")
+                       help="relative perplexity increase allowed on the quality split "
+                            "(default 0.01)")
     group.add_argument("--score-metric", choices=sorted(SCORES), default="speedup",
                        help="speedup (default): maximise wall speedup; perplexity, layers, "
                             "balanced: minimise (see docs/tuning.md); all within the budget")
     group.add_argument("--validate", type=Path, metavar="BEST_CONFIG_JSON",
-                       help="re-measure this configuration and write validation_results.json")
+                       help="re-measure this configuration with quality on the test split "
+                            "and write validation_results.json")
     group = parser.add_argument_group("shared study")
     group.add_argument("--storage", help="Optuna RDB URL (default sqlite:///OUTPUT/study.db)")
     group.add_argument("--study", help="study name (default tune-TECHNIQUE)")
@@ -574,6 +589,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grace-period", type=positive_int, default=120,
                        help="seconds without a heartbeat before a trial is failed (120)")
     add_setup_arguments(parser)
+    add_split_argument(parser, "valid")
 
 
 def explicit_values(args: argparse.Namespace, technique: Technique) -> dict[str, list[Any]]:
@@ -701,7 +717,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def validate(path: Path, technique: Technique, setup: Setup, out: Path) -> int:
-    """Re-measure a best_config.json on the test split; write validation_results.json.
+    """Re-measure a best_config.json with quality on the test split, whatever split chose it;
+    write validation_results.json.
 
     The configuration fine-tunes as long as it did when it was tuned: its recorded
     ``finetune_fraction`` and ``finetune_factor`` replace the technique's and the setup's."""
@@ -717,8 +734,9 @@ def validate(path: Path, technique: Technique, setup: Setup, out: Path) -> int:
     budget = float(chosen.get("max_degradation", 0.01))
     fraction = float(chosen.get("finetune_fraction", technique.finetune_fraction))
     technique = dataclasses.replace(technique, finetune_fraction=fraction)
-    setup = dataclasses.replace(setup, finetune_factor=float(
+    setup = dataclasses.replace(setup, quality_split="test", finetune_factor=float(
         chosen.get("finetune_factor", setup.finetune_factor)))
+    tuned_split = chosen.get("quality_split", "test")  # configurations before the split: test
     c = Bench(setup).measure(technique, chosen["knobs"])
     measured = figures(c)
     delta = c.quality_delta
@@ -728,11 +746,14 @@ def validate(path: Path, technique: Technique, setup: Setup, out: Path) -> int:
         "max_degradation": budget, "finetune_fraction": fraction,
         "finetune_steps": setup.finetune_steps(technique), "feasible": feasible,
         "figures": measured,
-        "tuned_figures": chosen.get("figures"), "setup": setup.describe(),
+        "tuned_figures": chosen.get("figures"), "tuned_quality_split": tuned_split,
+        "setup": setup.describe(),
         "written": datetime.now(UTC).isoformat(timespec="seconds")}))
+    tuned = (chosen.get("figures") or {}).get("quality_delta")
     print(f"validation of {technique.name} {_knobs_text(chosen['knobs'])}: speedup "
-          f"{measured['wall_speedup']:.2f}x, ppl delta "
+          f"{measured['wall_speedup']:.2f}x, test ppl delta "
           + ("n/a" if measured["quality_delta"] is None else f"{measured['quality_delta']:+.2%}")
-          + f" ({'within' if feasible else 'outside'} +{budget:.1%}); "
-          f"written {out / 'validation_results.json'}")
+          + f" ({'within' if feasible else 'outside'} +{budget:.1%}"
+          + ("" if tuned is None else f"; {tuned:+.2%} on the {tuned_split} split when tuned")
+          + f"); written {out / 'validation_results.json'}")
     return 0 if feasible else 1

@@ -46,7 +46,9 @@ SETUP_COMMANDS = [["run"], ["train"], ["measure", "act"], ["sweep", "act", "--kn
 @pytest.mark.parametrize("command", SETUP_COMMANDS)
 def test_every_model_building_command_takes_a_scale_with_its_defaults(command):
     def setup(*options):
-        return setup_from(build_parser().parse_args([*command, *options]))
+        made = setup_from(build_parser().parse_args([*command, *options]))
+        assert made.quality_split == ("valid" if command[0] == "tune" else "test")
+        return replace(made, quality_split="test")
 
     assert setup("--scale", "small") == Setup.at_scale("small")
     assert setup("--scale", "small", "--steps", "7", "--rounds", "2") == Setup.at_scale(
@@ -164,6 +166,44 @@ def test_a_record_whose_scale_is_not_its_setups_is_refused(tmp_path):
     old = {**rec, "schema": 1}
     del old["scale"]
     assert baselines.record_scale(baselines.validate_record(old, "r.json")) == "tiny"
+
+
+# ----------------------------------------------------------------------------- quality split
+
+def test_quality_is_scored_on_the_setups_held_out_split(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="quality_split 'train'; expected one of valid, test"):
+        small_setup(tmp_path, quality_split="train")
+    seen = []
+    real = pipeline.evaluate
+
+    def spy(model, corpus, split, **options):
+        seen.append(split)
+        return real(model, corpus, split, **options)
+
+    monkeypatch.setattr(pipeline, "evaluate", spy)
+    losses = {}
+    for split in ("valid", "test"):
+        bench = Bench(small_setup(tmp_path, quality_split=split))
+        losses[split] = bench.quality(bench.dense()).loss
+        assert seen.pop() == split
+        assert [p.units for p in bench.job([]) if p.name == f"quality {REFERENCE}"] == [2]
+    assert losses["valid"] != losses["test"]
+
+
+def test_a_run_refuses_to_report_quality_from_the_validation_split(tmp_path):
+    with pytest.raises(ValueError, match="a run reports quality on the test split"):
+        run(small_setup(tmp_path, quality_split="valid"), ["act"])
+    assert not (tmp_path / "checkpoints").exists(), "refused before training anything"
+
+
+def test_a_record_from_before_the_quality_split_compares_as_scored_on_test():
+    now = Setup(corpus="synthetic").describe()
+    old = baselines.make_record([], {k: v for k, v in now.items() if k != "quality_split"},
+                                TARGET, "a" * 40)
+    assert baselines.setup_differences(old, now, here=old["machine"]) == []
+    valid = Setup(corpus="synthetic", quality_split="valid").describe()
+    assert baselines.setup_differences(old, valid, here=old["machine"]) == [
+        "quality_split: record 'test', now 'valid'"]
 
 
 # ----------------------------------------------------------------------------- resuming

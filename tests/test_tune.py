@@ -211,8 +211,8 @@ def test_all_output_files_are_written_and_parseable(grid_run):
     best = load(grid_run, "best_config.json")
     assert {"number", "state", "knobs", "figures", "feasible"} <= set(results["trials"][0])
     assert meta["settings"]["technique"] == "act" and meta["packages"]["optuna"]
-    assert meta["baseline"]["reference_test_perplexity"] == pytest.approx(
-        math.exp(REFERENCE_LOSS))
+    assert meta["baseline"]["reference_perplexity"] == pytest.approx(math.exp(REFERENCE_LOSS))
+    assert meta["baseline"]["quality_split"] == best["quality_split"] == "valid"
     assert best["technique"] == "act"
     summary = (grid_run / "optimization_summary.txt").read_text()
     assert f"#{best['trial']}" in summary
@@ -408,6 +408,46 @@ def test_validate_writes_validation_results_for_the_best_config(faked, grid_run,
     assert validation["knobs"] == best["knobs"] and validation["feasible"]
     assert validation["figures"]["wall_speedup"] == pytest.approx(
         oracle(best["knobs"]["act_threshold"], best["knobs"]["act_lambda"])[0])
+
+
+TEST_OFFSET = 0.02  # the fake test split's delta above the validation split's: past BUDGET
+
+
+def test_trials_choose_on_the_validation_split_and_validation_reports_the_test_split(
+        monkeypatch, tmp_path):
+    seen = []
+
+    def measure(self: Bench, technique, knobs) -> Row:
+        seen.append(self.setup.quality_split)
+        row = fake_measure(self, technique, knobs)
+        if self.setup.quality_split == "valid":
+            return row
+        delta = row.quality_delta + TEST_OFFSET
+        return replace(row, candidate_perplexity=row.reference_perplexity * (1 + delta),
+                       quality_delta=delta)
+
+    monkeypatch.setattr(Bench, "measure", measure)
+    tuned, out = tmp_path / "tuned", tmp_path / "validation"
+    assert run_cli(tune_argv(tuned, "--max-degradation", str(BUDGET))) == 0
+    assert seen == ["valid"] * len(GRID)
+    best = load(tuned, "best_config.json")
+    assert best["quality_split"] == "valid" and best["figures"]["quality_delta"] <= BUDGET
+    seen.clear()
+    # Measured on the test split, the configuration chosen on the validation split is out of
+    # its budget: the command says so (exit 1) and the file holds both figures.
+    assert run_cli(["tune", "act", "--validate", str(tuned / "best_config.json"), "--corpus",
+                    "synthetic", "--quality-split", "valid", "--no-progress", "--output",
+                    str(out)]) == 1
+    assert seen == ["test"]
+    validation = load(out, "validation_results.json")
+    assert validation["tuned_quality_split"] == "valid" and not validation["feasible"]
+    assert validation["figures"]["quality_delta"] == pytest.approx(
+        best["figures"]["quality_delta"] + TEST_OFFSET)
+    assert validation["tuned_figures"] == best["figures"]
+    seen.clear()
+    assert run_cli(tune_argv(tmp_path / "on-test", "--quality-split", "test",
+                             "--max-degradation", "1")) == 0
+    assert seen == ["test"] * len(GRID)
 
 
 def test_a_validation_fine_tunes_as_long_as_the_tuning_did(faked, tmp_path):
