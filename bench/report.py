@@ -160,6 +160,7 @@ class Tuning:
     skipped: int  # trials not complete or without both figures
     budget: float  # the tuner's allowed quality degradation, else the project's budget
     problem: str | None = None
+    split: str = "test"  # the held-out split that scored the trials (before the option: test)
 
 
 def _json_object(path: Path, objects: Sequence[str] = ()) -> dict[str, Any] | None:
@@ -182,15 +183,17 @@ def load_tuning(folder: Path, budget: float) -> Tuning:
     if not folder.is_dir():
         raise ValueError(f"tuning folder {folder} does not exist")
     best = _json_object(folder / "best_config.json", ("knobs", "figures"))
-    settings = (_json_object(folder / "optimization_metadata.json", ("settings",))
-                or {}).get("settings") or {}
+    metadata = _json_object(folder / "optimization_metadata.json", ("settings", "setup")) or {}
+    settings = metadata.get("settings") or {}
+    split = str((metadata.get("setup") or {}).get("quality_split")
+                or (best or {}).get("quality_split") or "test")
     name = str(settings.get("technique") or (best or {}).get("technique") or folder.name)
     limit = settings.get("max_degradation", (best or {}).get("max_degradation"))
     budget = budget if limit is None else _number(limit, f"{folder} max_degradation",
                                                   required=True)
     results_path = folder / "optimization_results.json"
     if not results_path.is_file():
-        return Tuning(folder, name, [], best, 0, budget,
+        return Tuning(folder, name, [], best, 0, budget, split=split,
                       problem=f"{results_path.name} not found in {folder} "
                               f"(written by `bk-bench tune TECHNIQUE --output {folder}`)")
     data = read_json(results_path)
@@ -219,7 +222,7 @@ def load_tuning(folder: Path, budget: float) -> Tuning:
         trials.append(Trial(number, speedup, delta,
                             feasible if isinstance(feasible, bool) else delta <= budget,
                             dict(knobs)))
-    return Tuning(folder, name, trials, best, skipped, budget)
+    return Tuning(folder, name, trials, best, skipped, budget, split=split)
 
 
 @dataclass(frozen=True)
@@ -462,7 +465,7 @@ def plot_pareto(tuning: Tuning, path: Path) -> None:
     ax.axvline(100 * tuning.budget, color="#d62728", ls="--", lw=1.2,
                label=f"allowed +{tuning.budget:.1%}")
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xlabel("test perplexity change vs dense (%)")
+    ax.set_xlabel(f"{tuning.split} perplexity change vs dense (%)")
     ax.set_ylabel("wall speedup (x)")
     ax.set_title(f"tuning {tuning.technique}: {len(tuning.trials)} trials")
     ax.legend(fontsize=8)
@@ -771,7 +774,10 @@ def section_tuning(tunings: Sequence[Tuning], out: Path) -> str:
                                      f"{len(t.trials)} {t.technique} trials with the Pareto "
                                      f"front and the +{t.budget:.1%} allowed-degradation line.",
                                 f"{len(t.trials)} complete trials, {t.skipped} not shown "
-                                f"(incomplete or without figures)."))
+                                f"(incomplete or without figures). Quality on the {t.split} "
+                                f"split" + (": the knobs were chosen on it; bk-bench tune "
+                                            "--validate measures them on the test split."
+                                            if t.split != "test" else ".")))
             front = [t.trials[j] for j in pareto_front([(x.speedup, x.quality_delta)
                                                          for x in t.trials])]
             parts.append(table(

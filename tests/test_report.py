@@ -308,6 +308,15 @@ def test_a_tuning_folder_takes_its_allowed_degradation_from_the_tuner(tmp_path):
     assert [(x.speedup, x.feasible, x.knobs) for x in t.trials] == [(1.5, False, {"t": 1})]
 
 
+def test_a_tuning_folder_names_the_split_its_trials_were_scored_on(tmp_path):
+    folder = tmp_path / "tune"
+    folder.mkdir()
+    assert load_tuning(folder, 0.05).split == "test"  # folders from before the option
+    (folder / "optimization_metadata.json").write_text(json.dumps(
+        {"settings": {"technique": "act"}, "setup": {"quality_split": "valid"}}))
+    assert load_tuning(folder, 0.05).split == "valid"
+
+
 def test_a_tuning_folder_without_results_is_reported_not_fatal(tmp_path):
     (tmp_path / "tune").mkdir()
     t = load_tuning(tmp_path / "tune", 0.05)
