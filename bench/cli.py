@@ -73,6 +73,16 @@ def parse_setting(text: str) -> tuple[str, Any]:
     return name, parse_value(value)
 
 
+def parse_technique_setting(text: str) -> tuple[str, str, Any]:
+    """``TECHNIQUE.KNOB=VALUE``: a knob of one technique, for commands that measure several."""
+    name, value = parse_setting(text)
+    technique, dot, knob = name.partition(".")
+    if not dot or not technique or not knob:
+        raise argparse.ArgumentTypeError(f"expected TECHNIQUE.KNOB=VALUE (e.g. "
+                                         f"multiscale.levels=3), got {text!r}")
+    return technique, knob, value
+
+
 def parse_values(text: str) -> tuple[str, list[Any]]:
     name, sep, values = text.partition("=")
     if not sep or not name or not values:
@@ -199,6 +209,11 @@ def setup_from(args: argparse.Namespace) -> Setup:
         chosen["finetune_factor"] = args.finetune
     if getattr(args, "quality_split", None) is not None:
         chosen["quality_split"] = args.quality_split
+    knobs: dict[str, dict[str, Any]] = {}
+    for technique, knob, value in getattr(args, "technique_knobs", None) or []:
+        knobs.setdefault(technique, {})[knob] = value
+    if knobs:
+        chosen["knobs"] = knobs
     return (Setup.quick if args.quick else Setup.at_scale)(args.scale, **chosen)
 
 
@@ -226,11 +241,12 @@ def check_knobs(setup: Setup, technique: str,
 
 
 def check_techniques(setup: Setup, names: Iterable[str] | None) -> None:
-    """Every chosen technique (all when ``names`` is None) exists and builds at its defaults."""
-    from bench.registry import techniques
+    """Every chosen technique (all when ``names`` is None) exists and builds at the setup's
+    knobs, each of which is for a chosen technique."""
+    from bench.run import chosen
 
-    for name in names or techniques():
-        check_knobs(setup, name)
+    for name in chosen(names, setup.knobs):
+        check_knobs(setup, name, [setup.knobs.get(name, {})])
 
 
 def cmd_techniques(args: argparse.Namespace) -> int:
@@ -381,6 +397,14 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 1 if any(r.problem for r in checked) else 0
 
 
+def add_technique_knobs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--knob", dest="technique_knobs", type=parse_technique_setting,
+                        action="append", metavar="TECHNIQUE.KNOB=VALUE",
+                        help="measure TECHNIQUE with KNOB at VALUE instead of its default "
+                             "(repeatable; a knob chosen with `bk-bench tune`); the setup, "
+                             "and so a record, names every knob set")
+
+
 def add_allow_dirty(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-dirty", action="store_true",
                         help="record from a working tree with uncommitted changes, as commit "
@@ -404,10 +428,12 @@ def build_parser(plugins: Iterable[str] | None = None) -> argparse.ArgumentParse
 
     p = sub.add_parser("run", help="the main job: train, measure and report every technique",
                        description="Train the dense model, fine-tune and measure every "
-                                   "technique at its default knobs, print the table and write "
-                                   "results, speedups.png and the HTML report (OUTPUT/report).")
+                                   "technique at its default knobs (or those set with --knob), "
+                                   "print the table and write results, speedups.png and the "
+                                   "HTML report (OUTPUT/report).")
     add_setup_arguments(p)
     p.add_argument("--techniques", nargs="+", help="only these registered techniques")
+    add_technique_knobs(p)
     p.add_argument("--record", action="store_true",
                    help="also write these measurements as this commit's baseline record")
     add_allow_dirty(p)
@@ -447,6 +473,7 @@ def build_parser(plugins: Iterable[str] | None = None) -> argparse.ArgumentParse
     p = sub.add_parser("baseline", help="record or check the per-commit baseline")
     p.add_argument("action", choices=["record", "check"])
     p.add_argument("--techniques", nargs="+", help="only these registered techniques")
+    add_technique_knobs(p)
     p.add_argument("--tolerance", type=fraction,
                    help="relative speedup drop that fails the check (default: target.json)")
     p.add_argument("--baselines", type=Path,

@@ -15,6 +15,8 @@ import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from bench.rows import knobs_text
+
 WIDTH = 100
 NAME_WIDTH = 16  # the widest figures in every other column still fit WIDTH
 
@@ -210,7 +212,9 @@ def setup_title(setup: Mapping[str, Any]) -> str:
              f"{setup['steps']} dense steps" if "steps" in setup else "",
              f"{setup.get('batch_size')} x {setup.get('seq_len')} tokens per batch"
              if "seq_len" in setup else "",
-             "quick" if setup.get("workload_batches") else ""]
+             f"{setup['workload_batches']} test batches timed"
+             if setup.get("workload_batches") else "",
+             technique_knobs_text(setup.get("knobs") or {})]
     return ", ".join(p for p in parts if p)
 
 
@@ -234,9 +238,23 @@ def run_summary(results: Mapping[str, Any], target: Any, noise_limit: float,
     source = [r for r in rows if r.get("technique") == cumulative.get("source")]
     parts += [wrap(headline(cumulative, target.cumulative_speedup, budget,
                             noisy=any(noisy(r) for r in source))),
-              "every technique ran at its default knobs (`bk-bench techniques` lists them)",
+              knobs_note(record.get("setup", {}).get("knobs") or {}),
               "", report]
     return "\n".join(parts)
+
+
+def knobs_note(knobs: Mapping[str, Mapping[str, Any]]) -> str:
+    """Which knobs a run set (``Setup.knobs``); every other is at its default."""
+    defaults = "(`bk-bench techniques` lists them)"
+    if not knobs:
+        return f"every technique ran at its default knobs {defaults}"
+    return wrap(f"knobs set: {technique_knobs_text(knobs)}; every other knob at its default "
+                f"{defaults}")
+
+
+def technique_knobs_text(knobs: Mapping[str, Mapping[str, Any]]) -> str:
+    """``technique knob=value, ...; ...`` for knobs set by technique (``Setup.knobs``)."""
+    return "; ".join(f"{name} {knobs_text(values)}" for name, values in knobs.items())
 
 
 def wrap(text: str, indent: str = "") -> str:

@@ -30,7 +30,7 @@ import sys
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,8 @@ class Setup:
     train_threads: int = 1
     distill: float = 0.0  # weight of KL(dense || technique) while fine-tuning (bk.train)
     quality_split: str = "test"  # where quality is scored: "valid" while choosing knobs
+    # Knobs set for whole runs (run, baseline), by technique; the others stay at their defaults.
+    knobs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     output: Path = Path("runs")
     progress: bool = True
 
@@ -134,6 +136,14 @@ class Setup:
             raise ValueError(f"invalid Setup: quality_split {self.quality_split!r}; expected "
                              f"one of {', '.join(QUALITY_SPLITS)} (the training split cannot "
                              f"score a model trained on it)")
+        if not (isinstance(self.knobs, Mapping) and all(
+                isinstance(name, str) and isinstance(values, Mapping)
+                and all(isinstance(knob, str) for knob in values)
+                for name, values in self.knobs.items())):
+            raise ValueError(f"invalid Setup: knobs {self.knobs!r}; expected knob values by "
+                             "technique, {technique: {knob: value}}")
+        object.__setattr__(self, "knobs", {name: dict(values) for name, values
+                                           in sorted(self.knobs.items()) if values})
 
     @classmethod
     def at_scale(cls, scale: str = "tiny", **overrides: Any) -> Setup:
@@ -332,13 +342,15 @@ def note(message: str) -> None:
 
 # ----------------------------------------------------------------------------- the bench
 
-def axis_variants(technique: Technique) -> dict[str, dict[str, Any]]:
-    """The axes (``Technique.axes``) its defaults switch on, each with the knobs that switch it
-    off (the others stay at their defaults). An axis the defaults already switch off has no
+def axis_variants(technique: Technique, knobs: Mapping[str, Any] | None = None
+                  ) -> dict[str, dict[str, Any]]:
+    """The axes (``Technique.axes``) that its defaults, with ``knobs`` set, switch on, each with
+    those knobs and the ones that switch the axis off. An axis already switched off has no
     variant: it would be the technique itself."""
-    defaults = technique.resolve()
-    return {axis: dict(off) for axis, off in technique.axes.items()
-            if any(defaults[knob] != value for knob, value in off.items())}
+    knobs = dict(knobs or {})
+    values = technique.resolve(knobs)
+    return {axis: {**knobs, **off} for axis, off in technique.axes.items()
+            if any(values[knob] != value for knob, value in off.items())}
 
 
 def axis_label(name: str, axis: str) -> str:
@@ -417,7 +429,7 @@ class Bench:
 
     def job(self, names: Iterable[str], ceilings: bool = True, axes: bool = False
             ) -> list[Phase]:
-        """The phases ``measure`` runs for the techniques ``names`` (at their default knobs),
+        """The phases ``measure`` runs for the techniques ``names`` (at the setup's knobs),
         after ``dense`` and ``quality(dense)``, and with ``axes`` those of each technique with
         each of its axes off (``axis_variants``); trainings whose checkpoints exist are marked
         skipped (entering one that turns out stale runs it after all)."""
@@ -434,7 +446,8 @@ class Bench:
         measured = [(name, None, name) for name in names]
         if axes:
             measured += [(name, knobs, axis_label(name, axis)) for name in names
-                         for axis, knobs in axis_variants(get(name)).items()]
+                         for axis, knobs in axis_variants(get(name),
+                                                          self.setup.knobs.get(name)).items()]
         for name, knobs, label in measured:
             technique = get(name)
             reference = self.reference_name(technique)
@@ -463,7 +476,7 @@ class Bench:
         if model == CONTROL:
             return self._finetune_plan(CONTROL, LanguageModel, self.finetune_steps(technique),
                                        {}, ())
-        values = technique.resolve(knobs)
+        values = self.knobs(technique, knobs)
         return self._finetune_plan(technique.name,
                                    lambda config: technique.build(config, values),
                                    self.finetune_steps(technique), values,
@@ -646,14 +659,21 @@ class Bench:
     def finetune_steps(self, technique: Technique) -> int:
         return self.setup.finetune_steps(technique)
 
+    def knobs(self, technique: Technique, knobs: Mapping[str, Any] | None = None
+              ) -> dict[str, Any]:
+        """Every knob of ``technique``: its defaults, then the setup's knobs for it, then
+        ``knobs``, validated."""
+        return technique.resolve({**self.setup.knobs.get(technique.name, {}), **(knobs or {})})
+
     def candidate(self, technique: Technique | str, knobs: Mapping[str, Any] | None = None,
                   label: str | None = None) -> nn.Module:
-        """The technique fine-tuned from the trained dense model (cached on disk); ``label``
-        names its phase when it is not the technique at its default knobs (an axis off)."""
+        """The technique fine-tuned from the trained dense model (cached on disk), at the
+        setup's knobs with ``knobs`` set (``Bench.knobs``); ``label`` names its phase when it is
+        not the technique at the setup's knobs (an axis off)."""
         technique = get(technique) if isinstance(technique, str) else technique
         if technique.name == REFERENCE:
             return self.dense()
-        values = technique.resolve(knobs)
+        values = self.knobs(technique, knobs)
         return self._finetuned(technique.name, lambda config: technique.build(config, values),
                                self.finetune_steps(technique), values, technique.schedule,
                                code=(technique.build, technique.schedule), label=label)
@@ -685,7 +705,7 @@ class Bench:
         reference = self.reference(technique)
         with self._phase(f"measure {label}") as advance:
             row = compare(technique.name, reference, candidate, self.workload,
-                          scale=self.setup.scale, knobs=technique.resolve(knobs),
+                          scale=self.setup.scale, knobs=self.knobs(technique, knobs),
                           rounds=self.setup.rounds, after_round=advance)
         ref = self.quality(reference, self.reference_name(technique)).perplexity
         cand = self.quality(candidate, label).perplexity

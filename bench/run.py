@@ -48,32 +48,38 @@ def measure_all(bench: Bench, names: Iterable[str] | None = None, *,
                 ceilings: bool = False) -> list[Row]:
     """The dense model against itself (an A/A row that shows the noise), then each technique;
     with ``ceilings``, each row with its ceilings (``Bench.measure``)."""
-    return [bench.measure(name, ceilings=ceilings) for name in chosen(names)]
+    return [bench.measure(name, ceilings=ceilings) for name in chosen(names, bench.setup.knobs)]
 
 
 def measure_axes(bench: Bench, names: Iterable[str]) -> dict[str, dict[str, Row]]:
-    """Each technique that declares axes (``Technique.axes``) with each axis its defaults switch
-    on switched off in turn (``axis_variants``), by technique and axis: against the technique
-    at its defaults, what that axis contributes in speed and in quality. No ceilings: these rows
-    only explain the technique's row."""
+    """Each technique that declares axes (``Technique.axes``) with each axis its knobs (the
+    setup's, else the defaults) switch on switched off in turn (``axis_variants``), by technique
+    and axis: against the technique's row, what that axis contributes in speed and in quality.
+    No ceilings: these rows only explain the technique's row."""
     measured = {}
     for name in names:
         technique = get(name)
-        variants = axis_variants(technique)
+        variants = axis_variants(technique, bench.setup.knobs.get(name))
         if variants:
             measured[name] = {axis: bench.measure(technique, off, label=axis_label(name, axis))
                               for axis, off in variants.items()}
     return measured
 
 
-def chosen(names: Iterable[str] | None = None) -> list[str]:
-    """``names``, or every registered technique (dense first); unknown names are refused."""
+def chosen(names: Iterable[str] | None = None,
+           knobs: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """``names``, or every registered technique (dense first); unknown names are refused, and
+    so are ``knobs`` (``Setup.knobs``) set for a technique not among them."""
     registered = techniques()
     picked = list(names) if names else list(registered)
-    unknown = [name for name in picked if name not in registered]
+    unknown = [name for name in [*picked, *(knobs or {})] if name not in registered]
     if unknown:
         raise ValueError(f"unknown technique {unknown[0]!r}; registered: "
                          f"{', '.join(registered)}")
+    unmeasured = sorted(set(knobs or {}) - set(picked))
+    if unmeasured:
+        raise ValueError(f"knobs set for {unmeasured[0]!r}, which is not measured here "
+                         f"(measured: {', '.join(picked)})")
     return picked
 
 
@@ -88,9 +94,9 @@ def run(setup: Setup, names: Iterable[str] | None = None,
         raise ValueError(f"a run reports quality on the test split (results, report, records); "
                          f"got quality_split {setup.quality_split!r}, which is for choosing "
                          f"knobs (bk-bench tune)")
+    names = chosen(names, setup.knobs)
     bench = Bench(setup)
     target = bench.target
-    names = chosen(names)
     progress = Progress(bench.job(names, axes=True), title=f"bk-bench run --scale {setup.scale}",
                         live=None if setup.progress else False)
     bench.progress = progress

@@ -25,7 +25,7 @@ PASSAGE_TOKENS = 512
 def passage_stats(bench: Bench, names: Iterable[str],
                   tokens: int = PASSAGE_TOKENS) -> dict[str, Any]:
     """``{"tokens": [...], "techniques": {name: {stat: [value per token]}}, ...}`` for the
-    techniques ``names`` at their default knobs (the models ``bench`` trained or loaded)."""
+    techniques ``names`` at the setup's knobs (the models ``bench`` trained or loaded)."""
     batch = bench.workload.batches[0]
     windows = min(batch.shape[0], max(1, math.ceil(tokens / batch.shape[1])))
     x = batch[:windows]

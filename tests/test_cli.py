@@ -227,6 +227,20 @@ def test_the_run_summary_counts_the_noisy_rows_and_says_where_the_report_is():
     assert "cumulative speedup 1.00x: no technique within the +5% quality budget" in words
     assert text.rstrip().endswith("full report: runs/report/index.html")
     assert max(len(line) for line in text.splitlines()) <= console.WIDTH
+    assert "every technique ran at its default knobs" in words
+
+
+def test_the_run_summary_and_the_figure_titles_name_the_knobs_a_run_set():
+    results = {"rows": [row("dense", 1.0, 0.98, 1.03, 0.0)],
+               "record": {"cumulative": {"speedup": 1.0, "source": "dense"},
+                          "setup": {"scale": "small", "knobs": {"mod": {"capacity": 0.25},
+                                                               "act": {"act_lambda": 0.1}}}}}
+    words = " ".join(console.run_summary(results, TARGET, 0.10, "report").split())
+    assert ("knobs set: mod capacity=0.25; act act_lambda=0.1; every other knob at its default"
+            in words) and "every technique ran at its default knobs" not in words
+    title = console.setup_title(results["record"]["setup"])
+    assert title.startswith("scale small") and title.endswith("mod capacity=0.25; act "
+                                                              "act_lambda=0.1")
 
 
 def test_the_axes_table_gives_each_axis_its_speed_factor_and_quality_cost_in_points():

@@ -340,6 +340,95 @@ def test_an_axis_is_measured_off_only_where_the_defaults_switch_it_on():
     technique = Technique("composed", "two axes", build=lambda config, values: None,
                           knobs=knobs, axes={"width": {"width": 1}, "skip": {"skip": None}})
     assert axis_variants(technique) == {"width": {"width": 1}}
+    assert axis_variants(technique, {"skip": 0.5}) == {"width": {"skip": 0.5, "width": 1},
+                                                       "skip": {"skip": None}}
+    assert axis_variants(technique, {"width": 1}) == {}
     assert set(axis_variants(techniques()["combined"])) == {
         axis for axis, off in techniques()["combined"].axes.items()
         if any(techniques()["combined"].resolve()[k] != v for k, v in off.items())}
+
+
+# ----------------------------------------------------------------------------- knobs set for a run
+
+def test_a_run_measures_a_technique_at_the_knobs_set_for_it_and_its_record_names_them(tmp_path):
+    def mod_row(setup):
+        record = run(setup, ["dense", "mod", "act"])
+        rows = json.loads((setup.output / "results.json").read_text())["rows"]
+        return record, {r["technique"]: Row.from_dict(r, "results.json") for r in rows}
+
+    set_record, set_rows = mod_row(small_setup(tmp_path / "set", steps=3,
+                                               knobs={"mod": {"capacity": 0.25}}))
+    default_record, default_rows = mod_row(small_setup(tmp_path / "default", steps=3))
+    mod = techniques()["mod"]
+    assert set_rows["mod"].knobs == mod.resolve({"capacity": 0.25}) != mod.resolve()
+    assert default_rows["mod"].knobs == mod.resolve()
+    assert set_rows["act"].knobs == default_rows["act"].knobs == techniques()["act"].resolve()
+    # the model that ran is the one the row names: a quarter of the tokens runs fewer FLOPs
+    assert set_rows["mod"].work_ratio < default_rows["mod"].work_ratio
+    assert set_record["setup"]["knobs"] == {"mod": {"capacity": 0.25}}
+    assert default_record["setup"]["knobs"] == {}
+    assert baselines.setup_differences(set_record, default_record["setup"],
+                                       here=set_record["machine"]) == [
+        "knobs: record {'mod': {'capacity': 0.25}}, now {}"]
+
+
+def test_knobs_set_for_a_run_carry_into_each_axis_switched_off(tmp_path):
+    combined = techniques()["combined"]
+    setup = small_setup(tmp_path, knobs={"combined": {"factor": 4}})
+    bench = Bench(setup, load_corpus("synthetic"), target=TARGET)
+    assert bench.knobs(combined) == combined.resolve({"factor": 4})
+    assert bench.knobs(combined, {"factor": 2})["factor"] == 2  # a knob given wins
+    for axis, knobs in axis_variants(combined, setup.knobs["combined"]).items():
+        assert knobs["factor"] == 4 or axis == "sequence", (axis, knobs)
+    plans = {p.name for p in bench.job(["combined"], axes=True)}
+    assert "fine-tune combined without depth" in plans
+
+
+def test_a_record_from_before_run_knobs_compares_as_measured_at_the_defaults():
+    now = Setup(corpus="synthetic").describe()
+    old = baselines.make_record([], {k: v for k, v in now.items() if k != "knobs"}, TARGET,
+                                "a" * 40)
+    assert baselines.setup_differences(old, now, here=old["machine"]) == []
+    tuned = Setup(corpus="synthetic", knobs={"act": {"act_lambda": 0.1}}).describe()
+    assert baselines.setup_differences(old, tuned, here=old["machine"]) == [
+        "knobs: record {}, now {'act': {'act_lambda': 0.1}}"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--knob", "levels=3"], "expected TECHNIQUE.KNOB=VALUE"),
+    (["--knob", "multiscale.=3"], "expected TECHNIQUE.KNOB=VALUE"),
+    (["--knob", "multiscale.levels"], "expected NAME=VALUE"),
+])
+def test_a_run_knob_without_its_technique_is_refused_before_anything_runs(options, message,
+                                                                          capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["run", *options])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--knob", "nosuch.levels=3"], "unknown technique 'nosuch'"),
+    (["--knob", "act.levels=3"], "has no knob 'levels'; its knobs are act_threshold"),
+    (["--knob", "act.act_threshold=2"], "act_threshold"),
+    (["--techniques", "dense", "mod", "--knob", "act.act_lambda=0.1"],
+     "knobs set for 'act', which is not measured here (measured: dense, mod)"),
+])
+@pytest.mark.parametrize("command", [["run"], ["baseline", "record"]])
+def test_a_bad_run_knob_is_refused_naming_it_before_anything_trains(command, options, message,
+                                                                    tmp_path, capsys):
+    status = main([*command, "--corpus", "synthetic", "--output", str(tmp_path), *options])
+    assert status == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_setup_takes_knobs_by_technique_only():
+    for bad in ({"act": 0.1}, {"act": {1: 0.1}}, [("act", {})]):
+        with pytest.raises(ValueError, match="expected knob values by technique"):
+            Setup(knobs=bad)
+    assert Setup(knobs={"mod": {}, "act": {"act_lambda": 0.1}}).knobs == {
+        "act": {"act_lambda": 0.1}}
+    parsed = setup_from(build_parser().parse_args(
+        ["run", "--knob", "mod.capacity=0.25", "--knob", "mod.routed=inner",
+         "--knob", "act.act_lambda=0.1"]))
+    assert parsed.knobs == {"act": {"act_lambda": 0.1},
+                            "mod": {"capacity": 0.25, "routed": "inner"}}
