@@ -378,10 +378,11 @@ def test_knobs_set_for_a_run_carry_into_each_axis_switched_off(tmp_path):
     bench = Bench(setup, load_corpus("synthetic"), target=TARGET)
     assert bench.knobs(combined) == combined.resolve({"factor": 4})
     assert bench.knobs(combined, {"factor": 2})["factor"] == 2  # a knob given wins
-    for axis, knobs in axis_variants(combined, setup.knobs["combined"]).items():
-        assert knobs["factor"] == 4 or axis == "sequence", (axis, knobs)
-    plans = {p.name for p in bench.job(["combined"], axes=True)}
-    assert "fine-tune combined without depth" in plans
+    variants = axis_variants(combined, setup.knobs["combined"])
+    assert variants["sequence"]["factor"] == 1 and variants["depth"]["factor"] == 4
+    depth_off, _ = bench._plan_of("combined", combined, variants["depth"])
+    assert depth_off.request["knobs"] == combined.resolve({"factor": 4, "depth_capacity": None})
+    assert bench._plan_of("combined", combined)[0].request["knobs"]["factor"] == 4
 
 
 def test_a_record_from_before_run_knobs_compares_as_measured_at_the_defaults():
