@@ -308,7 +308,7 @@ def history(root: Path = BASELINES, scale: str | None = None) -> list[dict[str, 
 COMPARED_MACHINE = ("cpu", "cores", "torch", "torch_threads", "freed_memory_kept")
 # Settings added to Setup after records were written, with the value those records were measured
 # at: a setup (recorded or not) without the field compares as if it named that value.
-ADDED_SETTINGS: dict[str, Any] = {"quality_split": "test", "knobs": {}}
+ADDED_SETTINGS: dict[str, Any] = {"quality_split": "test", "knobs": {}, "start": "dense"}
 
 
 def setup_differences(rec: Mapping[str, Any], setup: Mapping[str, Any],

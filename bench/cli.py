@@ -177,6 +177,13 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
                        help="multiplies every technique's fine-tuning steps (its fraction of the "
                             "dense steps; default: the scale's factor, 1 at tiny, 2/3 at small); "
                             "the dense control trains as many steps")
+    group.add_argument("--start", choices=("dense", "scratch"), default="dense",
+                       help="where each technique's training starts: dense (default: fine-tuned "
+                            "from the trained dense model, against the dense control trained as "
+                            "many steps) or scratch (trained from random initialisation for the "
+                            "dense model's steps, against the dense model: same steps, schedule "
+                            "and batches). A technique whose steps only calibrate starts from "
+                            "the dense weights either way")
     group.add_argument("--distill", type=nonnegative_float, default=0.0,
                        help="weight of the distillation term KL(dense || technique) while a "
                             "technique fine-tunes (default 0: none; the dense control never "
@@ -199,7 +206,8 @@ def setup_from(args: argparse.Namespace) -> Setup:
 
     chosen: dict[str, Any] = {"corpus": args.corpus, "batch_size": args.batch_size,
                               "seq_len": args.seq_len, "seed": args.seed,
-                              "distill": args.distill, "output": args.output,
+                              "distill": args.distill, "start": args.start,
+                              "output": args.output,
                               "progress": not args.no_progress}
     if args.steps is not None:
         chosen["steps"] = args.steps

@@ -214,6 +214,7 @@ def setup_title(setup: Mapping[str, Any]) -> str:
              if "seq_len" in setup else "",
              f"{setup['workload_batches']} test batches timed"
              if setup.get("workload_batches") else "",
+             "techniques trained from scratch" if setup.get("start") == "scratch" else "",
              technique_knobs_text(setup.get("knobs") or {})]
     return ", ".join(p for p in parts if p)
 

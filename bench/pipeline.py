@@ -2,7 +2,10 @@
 
 A technique is fine-tuned from the trained dense model; its reference is the dense model
 fine-tuned for the same steps with the same schedule (the "dense control"), so a quality delta
-never mistakes extra training for a property of the technique. Quality is scored on the test
+never mistakes extra training for a property of the technique. With ``Setup.start`` "scratch"
+a technique that trains weights is trained from random initialisation instead, for the dense
+model's steps with its schedule and batches, and its reference is the dense model itself: the
+same training, one architecture against the other. Quality is scored on the test
 split, except where knobs are being chosen (``bk-bench tune``): there it is scored on the
 validation split, so that the test split that reports the choice did not make it.
 
@@ -96,6 +99,9 @@ QUICK = {"steps": 300, "rounds": 12, "workload_batches": 6, "quality_batches": 3
 
 
 QUALITY_SPLITS = tuple(split for split in SPLITS if split != "train")
+# Where a technique's training starts (Setup.start): the trained dense model, fine-tuned against
+# the dense control; or random initialisation, trained the dense model's steps against it.
+STARTS = ("dense", "scratch")
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class Setup:
     train_threads: int = 1
     distill: float = 0.0  # weight of KL(dense || technique) while fine-tuning (bk.train)
     quality_split: str = "test"  # where quality is scored: "valid" while choosing knobs
+    start: str = "dense"  # where each technique's training starts (STARTS, Bench.from_scratch)
     # Knobs set for whole runs (run, baseline), by technique; the others stay at their defaults.
     knobs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     output: Path = Path("runs")
@@ -132,6 +139,9 @@ class Setup:
             raise ValueError(f"invalid Setup: finetune_factor {self.finetune_factor} (> 0), "
                              f"train_threads {self.train_threads} and ceiling_batches "
                              f"{self.ceiling_batches} (>= 1)")
+        if self.start not in STARTS:
+            raise ValueError(f"invalid Setup: start {self.start!r}; expected one of "
+                             f"{', '.join(STARTS)}")
         if self.quality_split not in QUALITY_SPLITS:
             raise ValueError(f"invalid Setup: quality_split {self.quality_split!r}; expected "
                              f"one of {', '.join(QUALITY_SPLITS)} (the training split cannot "
@@ -453,9 +463,10 @@ class Bench:
             reference = self.reference_name(technique)
             decides = False
             for model in (reference, label):
-                if model != REFERENCE and all(p.name != f"fine-tune {model}" for p in phases):
+                phase = self._training_phase(model, technique)
+                if model != REFERENCE and all(p.name != phase for p in phases):
                     plan, first = self._plan_of(model, technique, knobs)
-                    phases.append(Phase(f"fine-tune {model}", plan.train_config.steps, "train",
+                    phases.append(Phase(phase, plan.train_config.steps, "train",
                                         skipped=plan.path.exists()))
                     decides = decides or (model == label and makes_decisions(first))
             tail.append(Phase(f"measure {label}", rounds, "measure", "rounds",
@@ -471,6 +482,11 @@ class Bench:
                 phase.done = phase.units
         return phases + tail
 
+    def _training_phase(self, model: str, technique: Technique) -> str:
+        """The phase that trains ``model`` (the control, or ``technique`` under a label)."""
+        scratch = model != CONTROL and self.from_scratch(technique)
+        return f"{'train' if scratch else 'fine-tune'} {model}"
+
     def _plan_of(self, model: str, technique: Technique,
                  knobs: Mapping[str, Any] | None = None) -> tuple[Plan, nn.Module]:
         if model == CONTROL:
@@ -479,15 +495,18 @@ class Bench:
         values = self.knobs(technique, knobs)
         return self._finetune_plan(technique.name,
                                    lambda config: technique.build(config, values),
-                                   self.finetune_steps(technique), values,
-                                   (technique.build, technique.schedule))
+                                   self.training_steps(technique), values,
+                                   (technique.build, technique.schedule),
+                                   self.from_scratch(technique))
 
     # -- models -----------------------------------------------------------------------------
 
     def plan(self, name: str, model_class: type, config: ModelConfig, train_config: TrainConfig,
              knobs: Mapping[str, Any], parent: Plan | None = None,
-             code: Iterable[Callable[..., Any] | None] = ()) -> Plan:
-        """The cache entry of a model: its file is named by a hash of ``request``."""
+             code: Iterable[Callable[..., Any] | None] = (), scratch: bool = False) -> Plan:
+        """The cache entry of a model: its file is named by a hash of ``request``. ``parent``
+        is the model it starts from, or with ``scratch`` the teacher it distils from (if any):
+        a request from scratch says so, the others keep the keys they always had."""
         request = _jsonable({
             "model": name,
             "class": f"{model_class.__module__}.{model_class.__qualname__}",
@@ -501,6 +520,8 @@ class Bench:
             "torch": torch.__version__,
             "python": list(sys.version_info[:2]),
         })
+        if scratch:
+            request["start"] = "scratch"
         return Plan(name, self.checkpoints / f"{name}-{request_key(request)}.pt", request,
                     train_config)
 
@@ -595,38 +616,41 @@ class Bench:
         return None
 
     def _finetune_plan(self, name: str, build: Callable[[ModelConfig], nn.Module], steps: int,
-                       knobs: dict[str, Any], code: Iterable[Callable[..., Any] | None]
-                       ) -> tuple[Plan, nn.Module]:
-        """The plan of ``build`` fine-tuned ``steps`` steps from the dense model, and a freshly
-        built model (its class tells which code the key covers). A technique distils from the
-        dense model when ``Setup.distill`` says so; the dense control never does (it would
-        learn from itself)."""
+                       knobs: dict[str, Any], code: Iterable[Callable[..., Any] | None],
+                       scratch: bool = False) -> tuple[Plan, nn.Module]:
+        """The plan of ``build`` fine-tuned ``steps`` steps from the dense model (or with
+        ``scratch`` trained from its initialisation), and a freshly built model (its class
+        tells which code the key covers). A technique distils from the dense model when
+        ``Setup.distill`` says so; the dense control never does (it would learn from itself)."""
         config = self.setup.model_config(self.corpus)
-        torch.manual_seed(self.setup.seed)  # the technique's new parameters
+        torch.manual_seed(self.setup.seed)  # the technique's new parameters (all, from scratch)
         first = build(config)
         distill = 0.0 if name == CONTROL else self.setup.distill
+        parent = None if scratch and distill == 0 else self.dense_plan()
         return self.plan(name, type(first), config, self.setup.train_config(steps, distill),
-                         knobs, self.dense_plan(), code), first
+                         knobs, parent, code, scratch), first
 
     def _finetuned(self, name: str, build: Callable[[ModelConfig], nn.Module], steps: int,
                    knobs: dict[str, Any],
                    schedule: Callable[[nn.Module, float], None] | None,
                    code: Iterable[Callable[..., Any] | None] = (),
-                   label: str | None = None) -> nn.Module:
-        """``build`` initialised from the trained dense model and trained ``steps`` more steps;
-        its phase is ``fine-tune <label>`` (the name unless told)."""
-        ident = json.dumps([name, knobs, steps], sort_keys=True, default=str)
+                   label: str | None = None, scratch: bool = False) -> nn.Module:
+        """``build`` initialised from the trained dense model and trained ``steps`` more steps,
+        or with ``scratch`` trained ``steps`` steps from its own initialisation; its phase is
+        ``fine-tune <label>`` (``train <label>`` from scratch; the name unless told)."""
+        ident = json.dumps([name, knobs, steps, scratch], sort_keys=True, default=str)
         if ident not in self._loaded:
-            plan, first = self._finetune_plan(name, build, steps, knobs, code)
+            plan, first = self._finetune_plan(name, build, steps, knobs, code, scratch)
+            phase = f"{'train' if scratch else 'fine-tune'} {label or name}"
             self._loaded[ident] = self._train_or_load(plan, first, build, name, knobs, schedule,
-                                                      f"fine-tune {label or name}")
+                                                      phase, scratch)
         return self._loaded[ident]
 
     def _train_or_load(self, plan: Plan, first: nn.Module,
                        build: Callable[[ModelConfig], nn.Module], name: str,
                        knobs: dict[str, Any],
                        schedule: Callable[[nn.Module, float], None] | None,
-                       phase: str) -> nn.Module:
+                       phase: str, scratch: bool = False) -> nn.Module:
         fresh = [first]
 
         def initial() -> nn.Module:
@@ -637,10 +661,12 @@ class Bench:
 
         def fit(model: nn.Module) -> None:
             dense = self.dense()
-            unexpected = model.load_state_dict(dense.state_dict(), strict=False).unexpected_keys
-            if unexpected:
-                raise ValueError(f"technique {name!r} does not accept the dense weights "
-                                 f"{unexpected}; keep the dense parameter names")
+            if not scratch:
+                unexpected = model.load_state_dict(dense.state_dict(),
+                                                   strict=False).unexpected_keys
+                if unexpected:
+                    raise ValueError(f"technique {name!r} does not accept the dense weights "
+                                     f"{unexpected}; keep the dense parameter names")
             steps = plan.train_config.steps
 
             def on_step(step: int, m: nn.Module) -> None:
@@ -659,6 +685,18 @@ class Bench:
     def finetune_steps(self, technique: Technique) -> int:
         return self.setup.finetune_steps(technique)
 
+    def from_scratch(self, technique: Technique) -> bool:
+        """Whether ``technique`` trains from random initialisation (``Setup.start`` "scratch"):
+        a technique that trains weights does; one whose steps only calibrate
+        (``updates_weights=False``) starts from the dense weights either way."""
+        return (self.setup.start == "scratch" and technique.name != REFERENCE
+                and technique.updates_weights)
+
+    def training_steps(self, technique: Technique) -> int:
+        """The steps ``technique`` trains: the dense model's from scratch, else its
+        fine-tuning steps."""
+        return self.setup.steps if self.from_scratch(technique) else self.finetune_steps(technique)
+
     def knobs(self, technique: Technique, knobs: Mapping[str, Any] | None = None
               ) -> dict[str, Any]:
         """Every knob of ``technique``: its defaults, then the setup's knobs for it, then
@@ -667,21 +705,25 @@ class Bench:
 
     def candidate(self, technique: Technique | str, knobs: Mapping[str, Any] | None = None,
                   label: str | None = None) -> nn.Module:
-        """The technique fine-tuned from the trained dense model (cached on disk), at the
-        setup's knobs with ``knobs`` set (``Bench.knobs``); ``label`` names its phase when it is
-        not the technique at the setup's knobs (an axis off)."""
+        """The technique fine-tuned from the trained dense model, or trained from scratch
+        (``from_scratch``), cached on disk, at the setup's knobs with ``knobs`` set
+        (``Bench.knobs``); ``label`` names its phase when it is not the technique at the
+        setup's knobs (an axis off)."""
         technique = get(technique) if isinstance(technique, str) else technique
         if technique.name == REFERENCE:
             return self.dense()
         values = self.knobs(technique, knobs)
         return self._finetuned(technique.name, lambda config: technique.build(config, values),
-                               self.finetune_steps(technique), values, technique.schedule,
-                               code=(technique.build, technique.schedule), label=label)
+                               self.training_steps(technique), values, technique.schedule,
+                               code=(technique.build, technique.schedule), label=label,
+                               scratch=self.from_scratch(technique))
 
     def reference_name(self, technique: Technique) -> str:
-        """``dense``, or the dense control when the technique trains weights for some steps."""
+        """``dense``, or the dense control when the technique is fine-tuned, training weights
+        for some steps (from scratch it trains the dense model's steps: the dense model is its
+        control)."""
         if (technique.name == REFERENCE or self.finetune_steps(technique) == 0
-                or not technique.updates_weights):
+                or not technique.updates_weights or self.from_scratch(technique)):
             return REFERENCE
         return CONTROL
 

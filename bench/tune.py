@@ -649,7 +649,16 @@ def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def settings_differences(stored: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
-    a, b = _flat(stored), _flat(ours)
+    """How a worker's study settings differ from the stored ones; a study recorded before a
+    setting was added to ``Setup`` compares as recorded at its value then (ADDED_SETTINGS)."""
+    from bench.baselines import ADDED_SETTINGS
+
+    def completed(settings: Mapping[str, Any]) -> Mapping[str, Any]:
+        if not isinstance(settings.get("setup"), Mapping):
+            return settings
+        return {**settings, "setup": {**ADDED_SETTINGS, **settings["setup"]}}
+
+    a, b = _flat(completed(stored)), _flat(completed(ours))
     return [f"{k}: study {a.get(k)!r}, this worker {b.get(k)!r}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from bench import baselines, pipeline, report
+from bench import baselines, console, pipeline, report
 from bench.cli import build_parser, main, setup_from
 from bench.pipeline import CONTROL, SCALE_SETTINGS, Bench, Setup, axis_variants
 from bench.progress import Progress
@@ -433,3 +433,82 @@ def test_the_setup_takes_knobs_by_technique_only():
          "--knob", "act.act_lambda=0.1"]))
     assert parsed.knobs == {"act": {"act_lambda": 0.1},
                             "mod": {"capacity": 0.25, "routed": "inner"}}
+
+
+# ----------------------------------------------------------------------------- from scratch
+
+def test_a_technique_from_scratch_is_its_own_initialisation_trained_as_the_dense_model(tmp_path):
+    setup = small_setup(tmp_path, steps=3, start="scratch")
+    corpus = load_corpus("synthetic")
+    bench = Bench(setup, corpus, target=TARGET)
+    multiscale = techniques()["multiscale"]
+    assert bench.from_scratch(multiscale) and bench.training_steps(multiscale) == 3
+    assert bench.reference_name(multiscale) == REFERENCE  # no control: the same training
+    plan, _ = bench._plan_of("multiscale", multiscale)
+    assert plan.request["start"] == "scratch" and plan.request["parent"] is None
+    candidate = bench.candidate(multiscale)
+    torch.manual_seed(setup.seed)
+    by_hand = multiscale.build(setup.model_config(corpus), multiscale.resolve())
+    train(by_hand, corpus, setup.train_config(), progress=False)
+    assert same_weights(candidate, by_hand)
+    finetuned = Bench(replace(setup, start="dense"), corpus, target=TARGET).candidate(multiscale)
+    assert not same_weights(candidate, finetuned)
+    row = bench.measure(multiscale)
+    assert row.reference_perplexity == bench.quality(bench.dense()).perplexity
+
+
+def test_a_technique_whose_steps_only_calibrate_starts_from_the_dense_weights_either_way(
+        tmp_path):
+    routing_cache = techniques()["routing_cache"]
+    assert not routing_cache.updates_weights
+    plans = []
+    for start in pipeline.STARTS:
+        bench = Bench(small_setup(tmp_path, start=start), load_corpus("synthetic"), target=TARGET)
+        assert not bench.from_scratch(routing_cache)
+        assert bench.training_steps(routing_cache) == bench.finetune_steps(routing_cache)
+        plans.append(bench._plan_of("routing_cache", routing_cache)[0])
+    assert plans[0].key == plans[1].key and "start" not in plans[0].request
+
+
+def test_a_technique_from_scratch_distils_from_the_dense_model_under_its_own_key(tmp_path):
+    act = techniques()["act"]
+    keys = {}
+    for start in pipeline.STARTS:  # a factor that makes the fine-tuning the dense steps long
+        setup = small_setup(tmp_path, steps=10, finetune_factor=10 / 3, distill=1.0,
+                            start=start)
+        bench = Bench(setup, load_corpus("synthetic"), target=TARGET)
+        plan, _ = bench._plan_of("act", act)
+        assert plan.train_config.steps == 10 and plan.train_config.distill == 1.0
+        assert plan.request["parent"] == bench.dense_plan().key  # the start or the teacher
+        keys[start] = plan.key
+    assert keys["dense"] != keys["scratch"]
+
+
+def test_a_run_from_scratch_trains_each_technique_and_no_control(tmp_path):
+    bench = Bench(small_setup(tmp_path, steps=3, start="scratch"), load_corpus("synthetic"),
+                  target=TARGET)
+    names = [p.name for p in bench.job(["dense", "multiscale", "routing_cache"])]
+    assert "train multiscale" in names and "fine-tune routing_cache" in names
+    assert not any(CONTROL in name for name in names)
+    dense_start = Bench(small_setup(tmp_path, steps=3), load_corpus("synthetic"),
+                        target=TARGET).job(["multiscale"])
+    assert {"fine-tune multiscale", f"fine-tune {CONTROL}"} <= {p.name for p in dense_start}
+
+
+def test_the_start_is_a_setting_of_the_command_line_the_record_and_the_figure_titles():
+    assert setup_from(build_parser().parse_args(["run", "--start", "scratch"])).start == (
+        "scratch")
+    assert setup_from(build_parser().parse_args(["run"])).start == "dense"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--start", "random"])
+    with pytest.raises(ValueError, match="start 'random'; expected one of dense, scratch"):
+        Setup(start="random")
+    now = Setup(corpus="synthetic").describe()
+    old = baselines.make_record([], {k: v for k, v in now.items() if k != "start"}, TARGET,
+                                "a" * 40)
+    assert baselines.setup_differences(old, now, here=old["machine"]) == []
+    scratch = Setup(corpus="synthetic", start="scratch").describe()
+    assert baselines.setup_differences(old, scratch, here=old["machine"]) == [
+        "start: record 'dense', now 'scratch'"]
+    assert "trained from scratch" in console.setup_title(scratch)
+    assert "scratch" not in console.setup_title(now)

@@ -324,6 +324,14 @@ def test_a_worker_with_other_settings_is_refused_naming_them_and_changes_nothing
     assert (out / "optimization_metadata.json").read_text() == metadata
 
 
+def test_a_study_from_before_a_setting_existed_compares_as_taken_at_its_value_then():
+    ours = {"technique": "act", "setup": {"steps": 1, "start": "dense"}}
+    old = {"technique": "act", "setup": {"steps": 1}}
+    assert tune.settings_differences(old, ours) == []
+    assert tune.settings_differences(old, {**ours, "setup": {"steps": 1, "start": "scratch"}}) == [
+        "setup.start: study 'dense', this worker 'scratch'"]
+
+
 def test_a_worker_with_another_corpus_content_is_refused(faked, tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("abcab cabba " * 300)
