@@ -186,7 +186,7 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
                             "the dense weights either way")
     group.add_argument("--distill", type=nonnegative_float, default=0.0,
                        help="weight of the distillation term KL(dense || technique) while a "
-                            "technique fine-tunes (default 0: none; the dense control never "
+                            "technique trains (default 0: none; the dense control never "
                             "distils)")
     group.add_argument("--output", type=Path, default=Path("runs"),
                        help="folder for results, plots and cached checkpoints (default runs/)")

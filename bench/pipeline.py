@@ -363,6 +363,11 @@ def axis_variants(technique: Technique, knobs: Mapping[str, Any] | None = None
             if any(values[knob] != value for knob, value in off.items())}
 
 
+def training_phase(label: str, scratch: bool) -> str:
+    """The phase that trains the model ``label`` from the dense model or from scratch."""
+    return f"{'train' if scratch else 'fine-tune'} {label}"
+
+
 def axis_label(name: str, axis: str) -> str:
     return f"{name} without {axis}"
 
@@ -484,8 +489,7 @@ class Bench:
 
     def _training_phase(self, model: str, technique: Technique) -> str:
         """The phase that trains ``model`` (the control, or ``technique`` under a label)."""
-        scratch = model != CONTROL and self.from_scratch(technique)
-        return f"{'train' if scratch else 'fine-tune'} {model}"
+        return training_phase(model, model != CONTROL and self.from_scratch(technique))
 
     def _plan_of(self, model: str, technique: Technique,
                  knobs: Mapping[str, Any] | None = None) -> tuple[Plan, nn.Module]:
@@ -641,7 +645,7 @@ class Bench:
         ident = json.dumps([name, knobs, steps, scratch], sort_keys=True, default=str)
         if ident not in self._loaded:
             plan, first = self._finetune_plan(name, build, steps, knobs, code, scratch)
-            phase = f"{'train' if scratch else 'fine-tune'} {label or name}"
+            phase = training_phase(label or name, scratch)
             self._loaded[ident] = self._train_or_load(plan, first, build, name, knobs, schedule,
                                                       phase, scratch)
         return self._loaded[ident]

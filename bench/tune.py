@@ -521,7 +521,9 @@ def write_outputs(out: Path, study: optuna.Study, settings: Settings, setup: Set
             "baseline": {"reference_perplexity": reference,
                          "quality_split": setup.quality_split,
                          "reference": "dense model trained as long as each candidate "
-                                      "(Bench.reference: the dense control)",
+                                      "(Bench.reference: "
+                                      + ("the dense model, candidates trained from scratch)"
+                                         if setup.start == "scratch" else "the dense control)"),
                          "quality_batches": setup.quality_batches},
             "packages": package_versions()}),
         "best_config.json": dump_json(
