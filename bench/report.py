@@ -473,18 +473,40 @@ def plot_pareto(tuning: Tuning, path: Path) -> None:
     _save(fig, path)
 
 
+START_WORDS = {"dense": "fine-tuned from dense", "scratch": "trained from scratch"}
+
+
+def record_start(rec: dict[str, Any]) -> str:
+    """Where a record's techniques started training (``Setup.start``); records from before
+    the setting existed fine-tuned from the dense model."""
+    from bench.baselines import ADDED_SETTINGS
+
+    start = {**ADDED_SETTINGS, **(rec.get("setup") or {})}["start"]
+    if start not in START_WORDS:
+        raise ValueError(f"record {str(rec.get('commit'))[:10]}: setup start {start!r} is "
+                         f"not one of {', '.join(START_WORDS)}")
+    return str(start)
+
+
 def plot_cumulative(records: Sequence[dict[str, Any]], target: float, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.2))
     x = list(range(len(records)))
     speed = [float(r["cumulative"]["speedup"]) for r in records]
     ax.plot(x, speed, color="#1f77b4", lw=1.5, zorder=2)
-    counts = [i for i, r in enumerate(records) if r["cumulative"]["counts"]]
-    misses = [i for i, r in enumerate(records) if not r["cumulative"]["counts"]]
-    ax.scatter(counts, [speed[i] for i in counts], color="#2ca02c", s=50, zorder=3,
-               label="within the quality budget (counts)")
-    ax.scatter(misses, [speed[i] for i in misses], facecolors="white", edgecolors="#d62728",
-               s=50, lw=1.5, zorder=3, label="outside the budget (does not count)")
+    for start, marker in (("dense", "o"), ("scratch", "s")):
+        counts = [i for i, r in enumerate(records)
+                  if r["cumulative"]["counts"] and record_start(r) == start]
+        misses = [i for i, r in enumerate(records)
+                  if not r["cumulative"]["counts"] and record_start(r) == start]
+        trained = START_WORDS[start]
+        if counts:
+            ax.scatter(counts, [speed[i] for i in counts], color="#2ca02c", s=50, zorder=3,
+                       marker=marker, label=f"{trained}, within the quality budget (counts)")
+        if misses:
+            ax.scatter(misses, [speed[i] for i in misses], facecolors="white",
+                       edgecolors="#d62728", s=50, lw=1.5, zorder=3, marker=marker,
+                       label=f"{trained}, outside the budget (does not count)")
     ax.axhline(target, color="black", ls="--", lw=1.2, label=f"target {target:g}x")
     ax.set_yscale("log")
     ax.set_ylim(min([*speed, 1.0]) / 1.3, max([*speed, target]) * 1.3)
@@ -823,7 +845,7 @@ def _scale_history(records: Sequence[dict[str, Any]], target: Target, out: Path,
     plot_cumulative(records, target.cumulative_speedup, out / png)
     rows = [[esc(str(r["commit"])[:10]), esc(str(r.get("date", ""))),
              fmt(r["cumulative"]["speedup"]),
-             esc(r["cumulative"].get("source", "")),
+             esc(r["cumulative"].get("source", "")), START_WORDS[record_start(r)],
              "yes" if r["cumulative"]["counts"] else "no"] for r in records]
     latest = console.headline(records[-1]["cumulative"], target.cumulative_speedup,
                               target.quality_budget)
@@ -832,10 +854,12 @@ def _scale_history(records: Sequence[dict[str, Any]], target: Target, out: Path,
         figure(png,
                f"Line plot of the cumulative wall speedup over {len(records)} recorded commits "
                f"with the {target.cumulative_speedup:g}x target line; filled markers count, "
-               "hollow ones are outside the quality budget.",
+               "hollow ones are outside the quality budget; circles fine-tuned their "
+               "techniques from the dense model, squares trained them from scratch.",
                "Each point is a measured speedup (the combined technique, or the best single "
                "technique within the budget); speedups are never multiplied on paper."),
-        table(["commit", "date", "cumulative speedup", "source", "counts?"], rows,
+        table(["commit", "date", "cumulative speedup", "source", "techniques", "counts?"],
+              rows,
               ["" if r["cumulative"]["counts"] else "miss" for r in records]),
     ])
 

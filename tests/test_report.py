@@ -429,6 +429,29 @@ def test_the_cumulative_headline_never_reads_no_speedup_as_progress(tmp_path):
     assert "of the 10x target" not in text and "(10%)" not in text
 
 
+def test_the_history_says_whether_each_record_fine_tuned_or_trained_from_scratch(tmp_path):
+    root = write_baselines(tmp_path / "baselines", [(1.3, True), (2.0, True), (2.5, False)])
+    for path, start in zip(sorted((root / "records").glob("*.json")), (None, "dense", "scratch"),
+                           strict=True):
+        rec = json.loads(path.read_text())
+        if start is not None:  # the first record predates the setting
+            rec["setup"] = {"start": start}
+        path.write_text(json.dumps(rec))
+    index = build(Inputs(None, root, (), tmp_path / "none", tmp_path / "none",
+                         tmp_path / "none.json"), tmp_path / "report")
+    rows = [" ".join(r.split()) for r in section(index, "cumulative")
+            .split("<tr")[2:]]
+    assert ["fine-tuned from dense" in r for r in rows] == [True, True, False]
+    assert ["trained from scratch" in r for r in rows] == [False, False, True]
+
+    rec = json.loads(path.read_text())
+    rec["setup"] = {"start": "halfway"}
+    path.write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match="setup start 'halfway' is not one of dense, scratch"):
+        build(Inputs(None, root, (), tmp_path / "none", tmp_path / "none",
+                     tmp_path / "none.json"), tmp_path / "report")
+
+
 def parse_html(html):
     p = PageParser()
     p.feed(html)
