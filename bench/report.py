@@ -494,11 +494,12 @@ def plot_cumulative(records: Sequence[dict[str, Any]], target: float, path: Path
     x = list(range(len(records)))
     speed = [float(r["cumulative"]["speedup"]) for r in records]
     ax.plot(x, speed, color="#1f77b4", lw=1.5, zorder=2)
+    starts = [record_start(r) for r in records]
     for start, marker in (("dense", "o"), ("scratch", "s")):
         counts = [i for i, r in enumerate(records)
-                  if r["cumulative"]["counts"] and record_start(r) == start]
+                  if starts[i] == start and r["cumulative"]["counts"]]
         misses = [i for i, r in enumerate(records)
-                  if not r["cumulative"]["counts"] and record_start(r) == start]
+                  if starts[i] == start and not r["cumulative"]["counts"]]
         trained = START_WORDS[start]
         if counts:
             ax.scatter(counts, [speed[i] for i in counts], color="#2ca02c", s=50, zorder=3,
