@@ -11,10 +11,16 @@ Here ``k`` is a one-hot choice over the ``k_max - k_min + 1`` values, drawn in t
 the straight-through Gumbel-softmax (Jang et al. 2017, eq. 1; Bengio et al. 2013): the forward
 pass uses the hard one-hot, the backward pass the soft relaxation. Slot ``j`` of the top-k is
 active when ``k > j``, so its mask is a sum of one-hot entries and carries the relaxation's
-gradient into the renormalised gates. Only active slots run their expert (sparse dispatch), so
-the gradient through a mask is the part that flows through the renormalisation of the executed
-slots; the unexecuted expert's own output term is absent (it was never computed). The cost
-penalty ``k_cost * E_soft[k]`` also reaches the predictor. In eval mode ``k`` is the argmax.
+gradient into the renormalised gates. The straight-through gradient of an inactive slot's mask
+is ``<dL/dy, p_(j) E_(j)(x)> / sum`` (minus its share of the renormalisation), which needs the
+expert's output although its gate is 0: so in training every one of the ``k_max`` slots runs its
+expert, gated by its mask (0 in the forward pass for an inactive slot, whose expert parameters
+therefore get no gradient from it), and in evaluation only the active slots run (sparse
+dispatch). Running only the active slots in training as well drops that term: a token that
+chose fewer experts then hears only the cost penalty, never what the experts it skipped would
+have given, and the choice collapses to ``k_min`` (measured: with ``k_min = 0`` at ``small``,
+every token ended with no expert, from scratch and fine-tuned alike; ``docs/routing.md``). The
+cost penalty ``k_cost * E_soft[k]`` also reaches the predictor. In eval mode ``k`` is the argmax.
 
 The load-balancing loss generalises the switch loss (Fedus et al. 2021, eq. 4) to top-k:
 ``E * sum_e f_e P_e`` with ``f_e`` the share of expert assignments that went to expert ``e``.
@@ -49,6 +55,7 @@ class ConditionalRouting:
     experts: torch.Tensor  # (T, k_max) int64, descending router probability
     gates: torch.Tensor  # (T, k_max) renormalised gate weights, 0 on inactive slots
     active: torch.Tensor  # (T, k_max) bool, slot j active iff j < k
+    runs: torch.Tensor  # (T, k_max) bool, slots whose expert runs: active; all in training
     k: torch.Tensor  # (T,) int64 experts used per token
     expected_k: torch.Tensor  # (T,) differentiable E[k] under the predictor's distribution
     probs: torch.Tensor  # (T, E) router distribution
@@ -121,16 +128,17 @@ class ConditionalMoE(nn.Module):
         # of keeping its expert.
         gates = weighted / (top_p[:, :1] + weighted[:, 1:].sum(dim=-1, keepdim=True))
         active = mask.detach() > 0.5
-        return ConditionalRouting(experts=top_e, gates=gates, active=active,
+        runs = torch.ones_like(active) if self.training else active
+        return ConditionalRouting(experts=top_e, gates=gates, active=active, runs=runs,
                                   k=active.sum(dim=-1), expected_k=expected_k, probs=probs)
 
     def dispatch(self, x: torch.Tensor, routing: ConditionalRouting) -> torch.Tensor:
-        """Run each expert only on the tokens that use it (one :class:`Subset` per expert) and
-        add its gated output back to their rows. Top-k experts are distinct, so a token uses
-        an expert through at most one slot."""
+        """Run each expert only on the tokens whose slot for it runs (``routing.runs``; one
+        :class:`Subset` per expert) and add its gated output back to their rows. Top-k
+        experts are distinct, so a token uses an expert through at most one slot."""
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
-            uses = (routing.experts == e) & routing.active  # (T, k_max), at most one per row
+            uses = (routing.experts == e) & routing.runs  # (T, k_max), at most one per row
             tokens = Subset.where(uses.any(dim=-1))
             if tokens.size:
                 gate = (routing.gates * uses).sum(dim=-1)
@@ -186,7 +194,9 @@ class ConditionalMoELanguageModel(TechniqueModel):
 
     The training objective adds ``aux["balance"] = balance_weight * mean balance loss`` and
     ``aux["k_cost"] = k_cost * mean E[k]`` (means over layers); in eval mode neither exists.
-    ``stats["experts_per_token"]`` is each token's ``k`` averaged over the layers.
+    ``stats["experts_per_token"]`` is each token's ``k`` averaged over the layers;
+    ``Work.expert_calls`` counts the expert calls that ran (``k`` per token and layer in
+    evaluation, ``k_max`` in training, where every slot runs).
 
     Forcing (:meth:`forced`): the skippable unit is the expert call, and ``keep`` is the share
     of ``k_max`` expert calls per (token, layer) that run. ``"uniform"``: every token uses the
@@ -237,6 +247,7 @@ class ConditionalMoELanguageModel(TechniqueModel):
         forced_k = self.forced_k(b * n) if self.forcing is not None else None
         balance = cost = x.new_zeros(())
         k_total = torch.zeros(b * n, dtype=torch.int64, device=idx.device)
+        calls = torch.zeros((), dtype=torch.int64, device=idx.device)
         for layer, block in enumerate(self.blocks):
             x, layer_balance = block(x, None if forced_k is None else forced_k[layer])
             routing = block.moe.last_routing
@@ -244,8 +255,9 @@ class ConditionalMoELanguageModel(TechniqueModel):
                 balance = balance + layer_balance
                 cost = cost + routing.expected_k.mean()
             k_total = k_total + routing.k
+            calls = calls + routing.runs.sum()
         layers = len(self.blocks)
-        work = Work(token_layers=b * n * layers, expert_calls=int(k_total.sum()),
+        work = Work(token_layers=b * n * layers, expert_calls=int(calls),
                     positions=b * n * layers)
         stats = {"layers_per_token": x.new_full((b, n), float(layers)),
                  "experts_per_token": (k_total.to(x.dtype) / layers).view(b, n)}
