@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from bench.registry import get
 from bk.adaptive.conditional_moe import ConditionalMoE, ConditionalMoELanguageModel
 from bk.model import LanguageModel
+from bk.moe import Expert
 from bk.technique import Forcing, KnobError
 from tests.strategies import TINY, decode, seeds
 
@@ -48,12 +49,25 @@ def dense_mixture_float64(moe: ConditionalMoE, x: torch.Tensor) -> torch.Tensor:
 
 
 def masked_dense_float64(moe: ConditionalMoE, x: torch.Tensor, routing) -> torch.Tensor:
-    """Every expert on every token, combined with the routing's gates (0 where inactive)."""
+    """Every expert on every token, weighted by the routing's gates (0 in value on inactive
+    slots, not in gradient: the straight-through path of an unchosen slot)."""
     outputs = torch.stack([expert(x) for expert in moe.experts], dim=1)  # (T, E, d)
-    weights = torch.zeros(x.shape[0], moe.n_experts, dtype=x.dtype)
-    gates = torch.where(routing.active, routing.gates, 0.0)
-    weights.scatter_add_(1, routing.experts, gates)
+    weights = torch.zeros(x.shape[0], moe.n_experts, dtype=x.dtype).scatter_add(
+        1, routing.experts, routing.gates)
     return (weights[:, :, None] * outputs).sum(dim=1)
+
+
+def count_expert_rows(module: torch.nn.Module) -> list[int]:
+    """A one-element list that counts the rows every expert in ``module`` runs on."""
+    rows = [0]
+
+    def hook(expert, args):
+        rows[0] += args[0].shape[0]
+
+    for part in module.modules():
+        if isinstance(part, Expert):
+            part.register_forward_pre_hook(hook)
+    return rows
 
 
 @given(moe_cases())
@@ -124,10 +138,7 @@ def test_in_training_every_slot_runs_and_in_evaluation_only_the_active_ones(case
     routing = moe.route(x)
     expected = torch.ones_like(routing.active) if moe.training else routing.active
     assert torch.equal(routing.runs, expected)
-    rows = [0]
-    for expert in moe.experts:
-        expert.register_forward_pre_hook(lambda module, args: rows.__setitem__(
-            0, rows[0] + args[0].shape[0]))
+    rows = count_expert_rows(moe)
     moe.dispatch(x, routing)
     assert rows[0] == int(routing.runs.sum())
 
@@ -135,17 +146,12 @@ def test_in_training_every_slot_runs_and_in_evaluation_only_the_active_ones(case
 @given(moe_cases())
 def test_in_training_the_gradient_through_every_slot_equals_the_float64_mixture_of_all_slots(
         case):
-    # The straight-through gradient of an inactive slot's mask needs its expert's output: the
-    # reference runs every expert on every token and weights them by the routing's gates
-    # (0 on inactive slots in value, not in gradient).
+    # The straight-through gradient of an inactive slot's mask needs its expert's output.
     moe, x = case
     moe = moe.double().train()
     x = x.double().requires_grad_()
     routing = moe.route(x)
-    outputs = torch.stack([expert(x) for expert in moe.experts], dim=1)  # (T, E, d)
-    weights = torch.zeros(x.shape[0], moe.n_experts, dtype=x.dtype).scatter_add(
-        1, routing.experts, routing.gates)
-    reference = (weights[:, :, None] * outputs).sum(dim=1)
+    reference = masked_dense_float64(moe, x, routing)
     out = moe.dispatch(x, routing)
     torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
     direction = torch.randn_like(out)
@@ -445,18 +451,6 @@ def test_decoding_one_position_at_a_time_equals_the_forward_pass(seed, b, n, bou
 
 def failing_hook(module, args):
     raise AssertionError("the difficulty predictor ran in a forced model")
-
-
-def count_expert_rows(model: ConditionalMoELanguageModel) -> list[int]:
-    rows = [0]
-
-    def hook(module, args):
-        rows[0] += args[0].shape[0]
-
-    for block in model.blocks:
-        for expert in block.moe.experts:
-            expert.register_forward_pre_hook(hook)
-    return rows
 
 
 @pytest.mark.parametrize("keep, k", [(1.0, 2), (0.5, 1), (0.75, 2), (0.2, 0), (0.3, 1)])
